@@ -1,0 +1,98 @@
+"""VSA state on disk: one safetensors file per checkpoint, written atomically.
+
+Tensors carry the predictor and statistics state keyed by parameter name; the safetensors
+metadata carries the controller's integers/floats as JSON and the settings the state depends on.
+"""
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .controller import Phase
+
+STATE_FILE = "vsa_state.safetensors"
+# Settings whose change makes saved state meaningless.
+STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum")
+_ENGINE_INTS = ("step", "corrections", "cycle_n", "log_n", "skipped_warned")
+_ENGINE_TENSORS = ("cosine", "cosine_sum", "last_loss", "cycle_loss", "log_loss")
+
+
+def engine_state(engine):
+    tensors, meta = {}, {}
+    for key, value in engine.predictor.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            if "." in key:  # per-parameter buffer: name it by the parameter, not by index
+                kind, i = key.split(".")
+                key = f"{kind}.{engine.names[int(i)]}"
+            tensors[f"predictor/{key}"] = value
+        else:
+            meta[f"predictor/{key}"] = value
+    for name in _ENGINE_TENSORS:
+        tensors[f"engine/{name}"] = getattr(engine, name)
+    for name in _ENGINE_INTS:
+        meta[f"engine/{name}"] = getattr(engine, name)
+    meta["engine/phase"] = -1 if engine.phase is None else int(engine.phase)
+    meta["engine/seconds"] = engine.seconds
+    meta["controller"] = engine.controller.state_dict()
+    meta["settings"] = {k: getattr(engine.args, k) for k in STATE_SETTINGS}
+    return tensors, meta
+
+
+def save_engine(engine, directory):
+    """Write `directory/vsa_state.safetensors` via a temp file and rename, so a crash mid-save
+    never leaves a partial file that a resume would trust."""
+    tensors, meta = engine_state(engine)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    path = os.path.join(directory, STATE_FILE)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "pt", "hf_vsa": json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_engine(engine, directory):
+    """Restore state saved by save_engine onto the parameters' device; refuse any mismatch
+    with a ValueError that names the file."""
+    path = os.path.join(directory, STATE_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: no VSA state in this checkpoint (saved with save_only_model, or not by VSATrainer). "
+            "Pass vsa_reset_state_on_resume=True to start the VSA state from scratch.")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = json.loads(f.metadata()["hf_vsa"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # corrupt or truncated bytes, or a foreign file
+        raise ValueError(f"{path}: cannot read VSA state ({type(e).__name__}: {e})") from e
+    settings = {k: getattr(engine.args, k) for k in STATE_SETTINGS}
+    changed = {k: (meta["settings"].get(k), v) for k, v in settings.items() if meta["settings"].get(k) != v}
+    if changed:
+        raise ValueError(f"{path}: saved with different settings (saved, now): {changed}")
+    expected, _ = engine_state(engine)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors do not match the model's trainable parameters; "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, v in expected.items():
+        if tensors[k].shape != v.shape or tensors[k].dtype != v.dtype:
+            raise ValueError(f"{path}: {k} is {tuple(tensors[k].shape)} {tensors[k].dtype}, "
+                             f"the model needs {tuple(v.shape)} {v.dtype}")
+    dev = engine.params[0].device
+    pred = {}
+    for key, value in engine.predictor.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            name = key if "." not in key else f"{key.split('.')[0]}.{engine.names[int(key.split('.')[1])]}"
+            pred[key] = tensors[f"predictor/{name}"].to(dev)
+        else:
+            pred[key] = meta[f"predictor/{key}"]
+    engine.predictor.load_state_dict(pred)
+    for name in _ENGINE_TENSORS:
+        setattr(engine, name, tensors[f"engine/{name}"].to(dev))
+    for name in _ENGINE_INTS:
+        setattr(engine, name, int(meta[f"engine/{name}"]))
+    engine.phase = None if meta["engine/phase"] < 0 else Phase(meta["engine/phase"])
+    engine.seconds = {k: float(v) for k, v in meta["engine/seconds"].items()}
+    engine.controller.load_state_dict(meta["controller"])
+    return path

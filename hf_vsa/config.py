@@ -1,0 +1,125 @@
+"""VSATrainingArguments: TrainingArguments plus the vsa_* fields that configure hf_vsa."""
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+PREDICTORS = ("wls", "momentum")
+# Optimizers that update parameters inside backward: with no backward there is no update at
+# all, and a gradient written into .grad is never read.
+_BACKWARD_OPTIMIZERS = ("lomo", "adalomo")
+
+
+@dataclass
+class VSATrainingArguments(TrainingArguments):
+    vsa_enabled: bool = field(
+        default=True,
+        metadata={"help": "Route optimizer steps through the VSA phase controller. False: exactly the plain Trainer."},
+    )
+    vsa_warmup_steps: int = field(
+        default=10,
+        metadata={"help": "Optimizer steps of ordinary backprop before the first prediction (at least "
+                          "vsa_history_window are run, so the predictor has enough history)."},
+    )
+    vsa_full_steps: int = field(
+        default=5, metadata={"help": "Backprop steps at the start of each cycle (FULL phase)."}
+    )
+    vsa_predict_steps: int = field(
+        default=20,
+        metadata={"help": "Steps in each PREDICT phase (CORRECT steps inside it included); 0 disables prediction."},
+    )
+    vsa_correct_every: int = field(
+        default=5,
+        metadata={"help": "Inside a PREDICT phase, every k-th step is a CORRECT step: real backprop, compared "
+                          "with the prediction, and recorded."},
+    )
+    vsa_history_decay: float = field(
+        default=0.95,
+        metadata={"help": "Per-step weight decay of recorded gradients in the weighted least squares fit, in (0, 1]."},
+    )
+    vsa_history_window: int = field(
+        default=8,
+        metadata={"help": "Recorded gradients the predictor needs before it predicts (>= 2: a line needs two "
+                          "points). History is kept as running sums, so memory does not grow with it."},
+    )
+    vsa_residual_decay: float = field(
+        default=0.5,
+        metadata={"help": "Per-step decay, in [0, 1], of the residual (actual - predicted) learned at CORRECT "
+                          "steps and added to later predictions; 0 turns the residual off."},
+    )
+    vsa_residual_threshold: float = field(
+        default=1.5,
+        metadata={"help": "Early correction: when the relative residual at a CORRECT step exceeds this multiple "
+                          "of its running mean, the next CORRECT comes after half the interval. Must be > 1."},
+    )
+    vsa_adaptive_phases: bool = field(
+        default=True,
+        metadata={"help": "Adapt FULL/PREDICT lengths to the measured training loss, within [1, 4*full_steps] "
+                          "and [1, 2*predict_steps]."},
+    )
+    vsa_loss_threshold: float = field(
+        default=0.1,
+        metadata={"help": "Relative rise of the mean training loss over a cycle versus the previous cycle that "
+                          "lengthens FULL and shortens PREDICT (> 0)."},
+    )
+    vsa_predictor: str = field(
+        default="wls",
+        metadata={"help": "Gradient predictor: 'wls' (closed-form weighted least squares baseline + velocity*t) "
+                          "or 'momentum' (bias-corrected exponential moving average).",
+                  "choices": list(PREDICTORS)},
+    )
+    vsa_momentum: float = field(
+        default=0.9, metadata={"help": "EMA coefficient of the 'momentum' predictor, in [0, 1)."}
+    )
+    vsa_predict_forward: bool = field(
+        default=False,
+        metadata={"help": "Run the forward pass (under no_grad) on PREDICT steps, so the logged loss is measured "
+                          "on every step. Off: the forward is skipped too, and the logged loss is the mean over "
+                          "measured steps only."},
+    )
+    vsa_reset_state_on_resume: bool = field(
+        default=False,
+        metadata={"help": "When resuming from a checkpoint without usable VSA state, start the VSA state from "
+                          "scratch with a warning instead of refusing."},
+    )
+    vsa_seed: int | None = field(
+        default=None, metadata={"help": "Seed for hf_vsa's own generators; None uses --seed."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.vsa_seed is None:
+            self.vsa_seed = self.seed
+        if not self.vsa_enabled:
+            return
+        for name in ("vsa_warmup_steps", "vsa_full_steps", "vsa_predict_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.vsa_full_steps == 0 and self.vsa_predict_steps == 0:
+            raise ValueError("vsa_full_steps and vsa_predict_steps cannot both be 0")
+        if self.vsa_correct_every < 1:
+            raise ValueError(f"vsa_correct_every must be >= 1, got {self.vsa_correct_every}")
+        if not 0.0 < self.vsa_history_decay <= 1.0:
+            raise ValueError(f"vsa_history_decay must be in (0, 1], got {self.vsa_history_decay}")
+        if self.vsa_history_window < 2:
+            raise ValueError(f"vsa_history_window must be >= 2, got {self.vsa_history_window}")
+        if not 0.0 <= self.vsa_residual_decay <= 1.0:
+            raise ValueError(f"vsa_residual_decay must be in [0, 1], got {self.vsa_residual_decay}")
+        if self.vsa_residual_threshold <= 1.0:
+            raise ValueError(f"vsa_residual_threshold must be > 1, got {self.vsa_residual_threshold}")
+        if self.vsa_loss_threshold <= 0.0:
+            raise ValueError(f"vsa_loss_threshold must be > 0, got {self.vsa_loss_threshold}")
+        if self.vsa_predictor not in PREDICTORS:
+            raise ValueError(f"vsa_predictor must be one of {PREDICTORS}, got {self.vsa_predictor!r}")
+        if not 0.0 <= self.vsa_momentum < 1.0:
+            raise ValueError(f"vsa_momentum must be in [0, 1), got {self.vsa_momentum}")
+        optim = str(getattr(self.optim, "value", self.optim)).lower()
+        if optim in _BACKWARD_OPTIMIZERS or "layerwise" in optim:
+            raise ValueError(
+                f"optim={optim!r} updates parameters inside backward, which PREDICT steps skip; "
+                "use an optimizer that reads .grad (e.g. adamw_torch) or set vsa_enabled=False")
+        if self.deepspeed:
+            raise ValueError("deepspeed is not supported by VSATrainer (it owns the gradients and the step); "
+                             "supported: single process and DDP. Set vsa_enabled=False to use DeepSpeed.")
+        if self.fsdp:
+            raise ValueError("fsdp is not supported by VSATrainer yet; supported: single process and DDP "
+                             "(accelerate launch --multi_gpu). Set vsa_enabled=False to use FSDP.")

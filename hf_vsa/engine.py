@@ -1,0 +1,136 @@
+"""VSAEngine: ties the phase controller, the predictor and the run statistics to one model.
+
+VSATrainer calls it at fixed points of each optimizer step; it never calls back into the Trainer.
+Host syncs happen only where marked: at the end of a cycle (adaptive scheduling), at CORRECT
+steps (residual and prediction quality) and at logging steps.
+"""
+import math
+import warnings
+
+import torch
+
+from .controller import Phase, PhaseController
+from .predictor import GradientPredictor
+
+
+class VSAEngine:
+    def __init__(self, args, model):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("VSATrainer: the model has no parameter with requires_grad=True")
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.args = args
+        self.controller = PhaseController(
+            warmup_steps=args.vsa_warmup_steps, full_steps=args.vsa_full_steps,
+            predict_steps=args.vsa_predict_steps, correct_every=args.vsa_correct_every,
+            min_history=args.vsa_history_window, adaptive=args.vsa_adaptive_phases,
+            loss_threshold=args.vsa_loss_threshold, residual_threshold=args.vsa_residual_threshold)
+        self.predictor = GradientPredictor(
+            self.params, kind=args.vsa_predictor, decay=args.vsa_history_decay,
+            residual_decay=args.vsa_residual_decay, momentum=args.vsa_momentum)
+        dev = self.params[0].device
+        self.phase = None
+        self.step = -1  # the optimizer step (Trainer's global_step) self.phase belongs to
+        nan = float("nan")
+        self.cosine = torch.full((), nan, dtype=torch.float64, device=dev)
+        self.cosine_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self.corrections = 0
+        self.last_loss = torch.zeros((), device=dev)  # last measured micro-batch loss
+        self.cycle_loss, self.cycle_n = torch.zeros((), device=dev), 0
+        self.log_loss, self.log_n = torch.zeros((), device=dev), 0
+        self.seconds = {p.name: 0.0 for p in Phase}
+        self.skipped_warned = 0
+
+    # ---- per optimizer step ----------------------------------------------------------------
+    def begin_step(self, global_step: int) -> Phase:
+        """Phase of optimizer step `global_step`; decided once, whatever the micro-batch."""
+        if global_step != self.step:
+            self.step = global_step
+            self.phase = self.controller.next_phase(self._take_cycle_loss)
+        return self.phase
+
+    def _take_cycle_loss(self) -> float:
+        if self.cycle_n == 0:
+            return math.nan
+        value = (self.cycle_loss / self.cycle_n).item()  # host sync: once per cycle, at its end
+        self.cycle_loss.zero_()
+        self.cycle_n = 0
+        return value
+
+    def note_loss(self, loss, last_micro_batch: bool):
+        """A measured (forward-pass) micro-batch loss, already scaled for accumulation."""
+        loss = loss.detach()
+        self.last_loss = loss
+        self.cycle_loss += loss
+        self.log_loss += loss
+        if last_micro_batch:
+            self.cycle_n += 1
+            self.log_n += 1
+
+    def _grads(self, inv_scale=None):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if inv_scale is not None:
+            grads = torch._foreach_mul(grads, inv_scale)
+        return grads
+
+    def after_backward(self, grad_scale=None):
+        """Last micro-batch of a backprop step: record the accumulated, synchronised gradient."""
+        grads = self._grads(None if grad_scale is None else 1.0 / grad_scale)
+        if self.phase is Phase.CORRECT:
+            cosine, rel_residual, _ = self.predictor.correct(grads, self.step)
+            self.cosine = cosine
+            self.cosine_sum += torch.nan_to_num(cosine)
+            self.corrections += 1
+            self.controller.report_residual(rel_residual.item())  # host sync: once per CORRECT step
+        else:
+            self.predictor.record(grads, self.step)
+
+    def write_prediction(self, grad_scale=None):
+        """Last micro-batch of a PREDICT step: the predicted gradient goes into .grad, on the
+        scale the Trainer expects (times the fp16 loss scale when there is one)."""
+        pred = self.predictor.predict(self.step)
+        if grad_scale is not None:
+            torch._foreach_mul_(pred, grad_scale.float())
+        for p, g in zip(self.params, pred):
+            g = g.to(p.dtype)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)
+
+    def add_time(self, seconds: float):
+        if self.phase is not None:
+            self.seconds[self.phase.name] += seconds
+
+    # ---- statistics ------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Plain numbers for logs and the model card (host syncs: call at logging steps only)."""
+        c = self.controller.counts
+        steps = self.controller.step
+        backward = steps - c["PREDICT"]
+        out = {"vsa/phase": float(self.phase) if self.phase is not None else -1.0,
+               "vsa/backward_fraction": backward / steps if steps else 1.0}
+        out.update({f"vsa/steps_{k.lower()}": v for k, v in c.items()})
+        out["vsa/backward_passes_skipped"] = c["PREDICT"]
+        out["vsa/prediction_cosine"] = self.cosine.item()  # host sync: logging steps only
+        out["vsa/prediction_cosine_mean"] = (
+            (self.cosine_sum / self.corrections).item() if self.corrections else float("nan"))  # host sync: logging
+        bw_time = sum(self.seconds[k] for k in ("WARMUP", "FULL", "CORRECT"))
+        total = sum(self.seconds.values())
+        out["vsa/speedup_estimate"] = (steps * bw_time / backward / total) if backward and total else 1.0
+        skipped = int(self.predictor.skipped.item())  # host sync: logging steps only
+        if skipped > self.skipped_warned:
+            warnings.warn(f"hf_vsa: {skipped - self.skipped_warned} gradient(s) with inf/nan were not recorded "
+                          "in the prediction history; those steps used the ordinary backprop gradient.")
+            self.skipped_warned = skipped
+        out["vsa/nonfinite_records_skipped"] = skipped
+        return out
+
+    def take_measured_loss(self):
+        """Mean loss of the optimizer steps whose forward ran since the last call (device tensor)."""
+        n = self.log_n
+        value = self.log_loss / n if n else torch.full_like(self.log_loss, float("nan"))
+        self.log_loss = torch.zeros_like(self.log_loss)
+        self.log_n = 0
+        return value, n

@@ -1,0 +1,150 @@
+"""VSATrainer: transformers.Trainer whose optimizer steps go through the VSA phase controller.
+
+Only the hooks that need it are overridden; the method itself lives in engine.py,
+controller.py and predictor.py. Clipping, the optimizer and the LR scheduler are the
+Trainer's own and run unchanged on PREDICT steps, reading the predicted .grad.
+"""
+import logging
+import os
+import time
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .checkpoint import load_engine, save_engine
+from .config import VSATrainingArguments
+from .controller import Phase
+from .engine import VSAEngine
+
+logger = logging.getLogger(__name__)
+
+
+class _PhaseTimer(TrainerCallback):
+    """Wall time of each optimizer step (data, forward, backward/prediction, optimizer), by
+    phase; evaluation, logging and saving fall outside on_step_begin..on_step_end."""
+
+    def __init__(self, trainer):
+        self.trainer, self.t0 = trainer, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.t0 is not None and self.trainer.vsa is not None:
+            self.trainer.vsa.add_time(time.perf_counter() - self.t0)
+        self.t0 = None
+
+
+class VSATrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, VSATrainingArguments):
+            raise TypeError("VSATrainer needs VSATrainingArguments (a TrainingArguments subclass with the vsa_* "
+                            f"fields), got {type(self.args).__name__}")
+        self.vsa = None
+        self._vsa_resume_dir = None
+        if self.args.vsa_enabled:
+            self.add_callback(_PhaseTimer(self))
+
+    # ---- the method ------------------------------------------------------------------------
+    def _vsa_engine(self) -> VSAEngine:
+        if self.vsa is None:
+            self.vsa = VSAEngine(self.args, self.model)
+            if self._vsa_resume_dir is not None:
+                self._vsa_load(self._vsa_resume_dir)
+        return self.vsa
+
+    def _vsa_grad_scale(self):
+        """The fp16 GradScaler's scale as a device tensor (no host sync), or None."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)
+        return scale if isinstance(scale, torch.Tensor) else torch.tensor(scaler.get_scale())
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.args.vsa_enabled:
+            return super().training_step(model, inputs, num_items_in_batch)
+        engine = self._vsa_engine()
+        phase = engine.begin_step(self.state.global_step)
+        last = self.accelerator.sync_gradients  # last micro-batch of this optimizer step
+        if phase.runs_backward:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            engine.note_loss(loss, last)
+            if last:
+                engine.after_backward(self._vsa_grad_scale())
+            return loss
+        if self.args.vsa_predict_forward:
+            loss = self._vsa_forward_loss(model, inputs, num_items_in_batch)
+            engine.note_loss(loss, last)
+        else:
+            # No forward: hand the running loss the last measured value (logs replace the
+            # logged mean by the mean over measured steps, see log()).
+            loss = engine.last_loss
+        if last:
+            engine.write_prediction(self._vsa_grad_scale())
+        return loss
+
+    def _vsa_forward_loss(self, model, inputs, num_items_in_batch):
+        """The Trainer's loss for this micro-batch, under no_grad (same scaling as training_step)."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None)
+        return loss.detach() if scaled else loss.detach() / self.current_gradient_accumulation_steps
+
+    def floating_point_ops(self, inputs):
+        """Count what ran: a forward is a third of forward+backward, a skipped forward is 0."""
+        flos = super().floating_point_ops(inputs)
+        if self.args.vsa_enabled and self.vsa is not None and self.vsa.phase is Phase.PREDICT:
+            return flos / 3 if self.args.vsa_predict_forward else 0
+        return flos
+
+    # ---- logging ---------------------------------------------------------------------------
+    def log(self, logs, start_time=None):
+        if self.args.vsa_enabled and self.vsa is not None and "loss" in logs:
+            measured, n = self.vsa.take_measured_loss()
+            if not self.args.vsa_predict_forward:
+                # Honest loss: the mean over steps whose forward ran, not padded with repeats.
+                logs["loss"] = self.accelerator.reduce(measured, "mean").item()  # host sync: logging steps only
+                logs["vsa/loss_measured_steps"] = n
+            logs.update(self.vsa.stats())
+        super().log(logs, start_time)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self.args.vsa_enabled and resume_from_checkpoint:
+            if isinstance(resume_from_checkpoint, bool):
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+                if resume_from_checkpoint is None:
+                    raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            self._vsa_resume_dir = resume_from_checkpoint
+            self.vsa = None  # rebuilt from the checkpoint at the first step
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _vsa_load(self, directory):
+        try:
+            path = load_engine(self.vsa, directory)
+            logger.info("hf_vsa: restored VSA state from %s", path)
+        except (FileNotFoundError, ValueError):
+            if not self.args.vsa_reset_state_on_resume:
+                raise
+            logger.warning("hf_vsa: no usable VSA state in %s; starting it from scratch "
+                           "(vsa_reset_state_on_resume=True)", directory, exc_info=True)
+            self.vsa = VSAEngine(self.args, self.model)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if not self.args.vsa_enabled or self.vsa is None or self.args.save_only_model:
+            return
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial)
+            folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+            save_engine(self.vsa, folder)
