@@ -15,8 +15,8 @@ from .controller import Phase
 STATE_FILE = "vsa_state.safetensors"
 # Settings whose change makes saved state meaningless.
 STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum")
-_ENGINE_INTS = ("step", "corrections", "cycle_n", "log_n", "skipped_warned")
-_ENGINE_TENSORS = ("cosine", "cosine_sum", "last_loss", "cycle_loss", "log_loss")
+_ENGINE_INTS = ("step", "corrections", "cycle_n", "log_n")
+_ENGINE_TENSORS = ("cosine", "cosine_sum", "tensor_cosine", "last_loss", "cycle_loss", "log_loss")
 
 
 def engine_state(engine):

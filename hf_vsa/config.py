@@ -1,9 +1,15 @@
 """VSATrainingArguments: TrainingArguments plus the vsa_* fields that configure hf_vsa."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
 PREDICTORS = ("wls", "momentum")
+# Named settings. A preset sets the fields it names unless the user gave them another value.
+PRESETS = {
+    # The method as first sketched (vsa-optim-rs): WLS baseline + velocity, fixed schedule.
+    "sketch": dict(vsa_predictor="wls", vsa_warmup_steps=10, vsa_full_steps=5, vsa_predict_steps=20,
+                   vsa_correct_every=5, vsa_adaptive_phases=False, vsa_predict_forward=False),
+}
 # Optimizers that update parameters inside backward: with no backward there is no update at
 # all, and a gradient written into .grad is never read.
 _BACKWARD_OPTIMIZERS = ("lomo", "adalomo")
@@ -11,6 +17,11 @@ _BACKWARD_OPTIMIZERS = ("lomo", "adalomo")
 
 @dataclass
 class VSATrainingArguments(TrainingArguments):
+    vsa_preset: str | None = field(
+        default=None,
+        metadata={"help": f"Named settings: {sorted(PRESETS)}. A preset sets the vsa_* fields it names that were "
+                          "left at their defaults; values you pass explicitly win."},
+    )
     vsa_enabled: bool = field(
         default=True,
         metadata={"help": "Route optimizer steps through the VSA phase controller. False: exactly the plain Trainer."},
@@ -76,6 +87,19 @@ class VSATrainingArguments(TrainingArguments):
                           "on every step. Off: the forward is skipped too, and the logged loss is the mean over "
                           "measured steps only."},
     )
+    vsa_exact_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Partial backward on PREDICT steps: the last fraction, in [0, 1), of the trainable "
+                          "tensors (in registration order: the output end of the network) get exact gradients "
+                          "from a backward that stops below them; only the tensors before them are predicted "
+                          "(and only they are tracked by the predictor). 0: PREDICT steps run no backward."},
+    )
+    vsa_min_cosine: float = field(
+        default=-1.0,
+        metadata={"help": "A predicted tensor whose prediction cosine, measured at CORRECT steps (running mean), "
+                          "is below this gets no update on PREDICT steps (grad=None) until it recovers. In [-1, 1]; "
+                          "-1 predicts every tensor."},
+    )
     vsa_reset_state_on_resume: bool = field(
         default=False,
         metadata={"help": "When resuming from a checkpoint without usable VSA state, start the VSA state from "
@@ -87,6 +111,13 @@ class VSATrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.vsa_preset is not None:
+            if self.vsa_preset not in PRESETS:
+                raise ValueError(f"vsa_preset must be one of {sorted(PRESETS)} or None, got {self.vsa_preset!r}")
+            defaults = {f.name: f.default for f in fields(VSATrainingArguments)}
+            for k, v in PRESETS[self.vsa_preset].items():
+                if getattr(self, k) == defaults[k]:
+                    setattr(self, k, v)
         if self.vsa_seed is None:
             self.vsa_seed = self.seed
         if not self.vsa_enabled:
@@ -108,6 +139,10 @@ class VSATrainingArguments(TrainingArguments):
             raise ValueError(f"vsa_residual_threshold must be > 1, got {self.vsa_residual_threshold}")
         if self.vsa_loss_threshold <= 0.0:
             raise ValueError(f"vsa_loss_threshold must be > 0, got {self.vsa_loss_threshold}")
+        if not 0.0 <= self.vsa_exact_fraction < 1.0:
+            raise ValueError(f"vsa_exact_fraction must be in [0, 1), got {self.vsa_exact_fraction}")
+        if not -1.0 <= self.vsa_min_cosine <= 1.0:
+            raise ValueError(f"vsa_min_cosine must be in [-1, 1], got {self.vsa_min_cosine}")
         if self.vsa_predictor not in PREDICTORS:
             raise ValueError(f"vsa_predictor must be one of {PREDICTORS}, got {self.vsa_predictor!r}")
         if not 0.0 <= self.vsa_momentum < 1.0:

@@ -5,8 +5,6 @@ Host syncs happen only where marked: at the end of a cycle (adaptive scheduling)
 steps (residual and prediction quality) and at logging steps.
 """
 import math
-import warnings
-
 import torch
 
 from .controller import Phase, PhaseController
@@ -18,8 +16,16 @@ class VSAEngine:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("VSATrainer: the model has no parameter with requires_grad=True")
+        # Partial backward: the last `exact` tensors (output end) get exact gradients on PREDICT
+        # steps; only the ones before them are predicted and tracked.
+        exact = round(len(named) * args.vsa_exact_fraction)
+        self.exact_params = [p for _, p in named[len(named) - exact:]]
+        named = named[:len(named) - exact]
+        if not named:
+            raise ValueError("vsa_exact_fraction leaves no tensor to predict; lower it")
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        self.predict_mask = [True] * len(self.params)  # host copy, refreshed at CORRECT steps only
         self.args = args
         self.controller = PhaseController(
             warmup_steps=args.vsa_warmup_steps, full_steps=args.vsa_full_steps,
@@ -36,11 +42,12 @@ class VSAEngine:
         self.cosine = torch.full((), nan, dtype=torch.float64, device=dev)
         self.cosine_sum = torch.zeros((), dtype=torch.float64, device=dev)
         self.corrections = 0
+        self.tensor_cosine = torch.zeros(len(self.params), dtype=torch.float64, device=dev)  # running mean
         self.last_loss = torch.zeros((), device=dev)  # last measured micro-batch loss
         self.cycle_loss, self.cycle_n = torch.zeros((), device=dev), 0
         self.log_loss, self.log_n = torch.zeros((), device=dev), 0
         self.seconds = {p.name: 0.0 for p in Phase}
-        self.skipped_warned = 0
+        self.phases = []  # phase names of the steps run by this process (not checkpointed)
 
     # ---- per optimizer step ----------------------------------------------------------------
     def begin_step(self, global_step: int) -> Phase:
@@ -48,6 +55,7 @@ class VSAEngine:
         if global_step != self.step:
             self.step = global_step
             self.phase = self.controller.next_phase(self._take_cycle_loss)
+            self.phases.append(self.phase.name)
         return self.phase
 
     def _take_cycle_loss(self) -> float:
@@ -78,26 +86,48 @@ class VSAEngine:
         """Last micro-batch of a backprop step: record the accumulated, synchronised gradient."""
         grads = self._grads(None if grad_scale is None else 1.0 / grad_scale)
         if self.phase is Phase.CORRECT:
-            cosine, rel_residual, _ = self.predictor.correct(grads, self.step)
+            cosine, rel_residual, per_tensor = self.predictor.correct(grads, self.step)
             self.cosine = cosine
             self.cosine_sum += torch.nan_to_num(cosine)
             self.corrections += 1
-            self.controller.report_residual(rel_residual.item())  # host sync: once per CORRECT step
+            w = 1.0 / min(self.corrections, 4)  # running mean over the last few corrections
+            self.tensor_cosine += w * (torch.nan_to_num(per_tensor) - self.tensor_cosine)
+            # host sync: once per CORRECT step (a backprop step), for the two decisions below
+            rel, *tensor_cos = torch.cat([rel_residual.reshape(1), self.tensor_cosine]).tolist()
+            self.controller.report_residual(rel)
+            self.predict_mask = [c >= self.args.vsa_min_cosine for c in tensor_cos]
         else:
             self.predictor.record(grads, self.step)
 
     def write_prediction(self, grad_scale=None):
         """Last micro-batch of a PREDICT step: the predicted gradient goes into .grad, on the
-        scale the Trainer expects (times the fp16 loss scale when there is one)."""
-        pred = self.predictor.predict(self.step)
+        scale the Trainer expects (times the fp16 loss scale when there is one). Tensors whose
+        prediction is not trusted get no gradient, hence no update, this step."""
+        index = [i for i, keep in enumerate(self.predict_mask) if keep]
+        for i, keep in enumerate(self.predict_mask):
+            if not keep:
+                self.params[i].grad = None
+        if not index:
+            return
+        pred = self.predictor.predict(self.step, index)
         if grad_scale is not None:
             torch._foreach_mul_(pred, grad_scale.float())
-        for p, g in zip(self.params, pred):
+        for i, g in zip(index, pred):
+            p = self.params[i]
             g = g.to(p.dtype)
             if p.grad is None:
                 p.grad = g
             else:
                 p.grad.copy_(g)
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.exact_params)
+
+    def freeze_predicted(self, frozen: bool):
+        """Partial backward: with the predicted tensors frozen, autograd stops below the exact ones."""
+        for p in self.params:
+            p.requires_grad_(not frozen)
 
     def add_time(self, seconds: float):
         if self.phase is not None:
@@ -119,12 +149,7 @@ class VSAEngine:
         bw_time = sum(self.seconds[k] for k in ("WARMUP", "FULL", "CORRECT"))
         total = sum(self.seconds.values())
         out["vsa/speedup_estimate"] = (steps * bw_time / backward / total) if backward and total else 1.0
-        skipped = int(self.predictor.skipped.item())  # host sync: logging steps only
-        if skipped > self.skipped_warned:
-            warnings.warn(f"hf_vsa: {skipped - self.skipped_warned} gradient(s) with inf/nan were not recorded "
-                          "in the prediction history; those steps used the ordinary backprop gradient.")
-            self.skipped_warned = skipped
-        out["vsa/nonfinite_records_skipped"] = skipped
+        out["vsa/nonfinite_records_skipped"] = self.predictor.skipped
         return out
 
     def take_measured_loss(self):

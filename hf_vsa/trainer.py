@@ -75,7 +75,14 @@ class VSATrainer(Trainer):
             if last:
                 engine.after_backward(self._vsa_grad_scale())
             return loss
-        if self.args.vsa_predict_forward:
+        if engine.partial:
+            engine.freeze_predicted(True)
+            try:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                engine.freeze_predicted(False)
+            engine.note_loss(loss, last)
+        elif self.args.vsa_predict_forward:
             loss = self._vsa_forward_loss(model, inputs, num_items_in_batch)
             engine.note_loss(loss, last)
         else:
@@ -104,6 +111,8 @@ class VSATrainer(Trainer):
         """Count what ran: a forward is a third of forward+backward, a skipped forward is 0."""
         flos = super().floating_point_ops(inputs)
         if self.args.vsa_enabled and self.vsa is not None and self.vsa.phase is Phase.PREDICT:
+            if self.vsa.partial:
+                return flos  # forward plus a partial backward: counted as a full step (an upper bound)
             return flos / 3 if self.args.vsa_predict_forward else 0
         return flos
 
@@ -111,7 +120,7 @@ class VSATrainer(Trainer):
     def log(self, logs, start_time=None):
         if self.args.vsa_enabled and self.vsa is not None and "loss" in logs:
             measured, n = self.vsa.take_measured_loss()
-            if not self.args.vsa_predict_forward:
+            if not (self.args.vsa_predict_forward or self.vsa.partial):
                 # Honest loss: the mean over steps whose forward ran, not padded with repeats.
                 logs["loss"] = self.accelerator.reduce(measured, "mean").item()  # host sync: logging steps only
                 logs["vsa/loss_measured_steps"] = n

@@ -1,0 +1,203 @@
+"""Plain Trainer vs VSATrainer on the same model, data order and seed, measured in one run.
+
+usage:
+    python scripts/benchmark.py                          # sentiment task, trainer vs default vs sketch
+    python scripts/benchmark.py --configs trainer,default --steps 150 --eval_every 10 --out bench.json
+    python scripts/benchmark.py --quick                  # a few steps, for CI smoke tests
+
+Writes a JSON with, per run: per-step wall time and phase, measured train loss, eval loss every
+--eval_every steps with the cumulative training wall time (evaluation time excluded). Prints two
+ratios against the plain Trainer from this same run: wall time per optimizer step
+(Trainer / run) and wall time to reach the Trainer's final eval loss (run / Trainer).
+Never benchmark while anything else heavy runs on the machine.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+from transformers import Trainer, TrainerCallback, set_seed
+
+from hf_vsa import VSATrainer, VSATrainingArguments
+from tasks import sentiment_task
+
+# Named VSA configurations (vsa_* overrides on top of VSATrainingArguments' defaults).
+CONFIGS = {
+    "trainer": None,  # the plain transformers.Trainer
+    "default": {},
+    "sketch": {"vsa_preset": "sketch"},
+}
+
+
+class StepClock(TrainerCallback):
+    """Per optimizer step: wall time since the previous step ended, evaluation time excluded."""
+
+    def __init__(self):
+        self.steps, self.evals, self.mark, self.eval_time, self.train_time = [], [], None, 0.0, 0.0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.mark = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        now = time.perf_counter()
+        dt = now - self.mark - self.eval_time
+        self.train_time += dt
+        self.steps.append(dt)
+        self.mark, self.eval_time = now, 0.0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if self.mark is None:  # the evaluation before training: step 0, wall 0
+            self.evals.append({"step": 0, "wall": 0.0, "eval_loss": metrics["eval_loss"]})
+            return
+        self.eval_time += time.perf_counter() - self.mark - self.eval_time
+        self.evals.append({"step": state.global_step, "wall": self.train_time, "eval_loss": metrics["eval_loss"]})
+
+
+def run_one(name, overrides, task, a):
+    set_seed(a.seed)
+    model, train, evl = task()
+    common = dict(output_dir=os.path.join(a.workdir, name), max_steps=a.steps, per_device_train_batch_size=a.batch,
+                  per_device_eval_batch_size=128, learning_rate=a.lr, lr_scheduler_type="constant",
+                  eval_strategy="steps", eval_steps=a.eval_every, logging_steps=1, save_strategy="no",
+                  report_to="none", seed=a.seed, disable_tqdm=True, max_grad_norm=1.0, use_cpu=a.cpu)
+    if overrides is None:
+        args = VSATrainingArguments(**common, vsa_enabled=False)
+        cls = Trainer
+    else:
+        if a.quick:  # a schedule short enough that 12 steps reach PREDICT and CORRECT
+            overrides = {**dict(vsa_warmup_steps=2, vsa_history_window=2, vsa_full_steps=2, vsa_predict_steps=4,
+                                vsa_correct_every=2), **overrides}
+        args = VSATrainingArguments(**common, **overrides)
+        cls = VSATrainer
+    clock = StepClock()
+    trainer = cls(model=model, args=args, train_dataset=train, eval_dataset=evl, callbacks=[clock])
+    trainer.evaluate()  # step-0 eval loss; also warms up the evaluation path outside the clock
+    trainer.train()
+    phases = trainer.vsa.phases if cls is VSATrainer else ["FULL"] * len(clock.steps)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    counts = trainer.vsa.controller.counts if cls is VSATrainer else {"FULL": len(clock.steps)}
+    backward = len(clock.steps) - counts.get("PREDICT", 0)
+    return {"name": name, "overrides": overrides, "step_wall": clock.steps, "phase": phases,
+            "train_loss": losses, "evals": clock.evals, "train_wall": clock.train_time,
+            "final_eval_loss": clock.evals[-1]["eval_loss"], "backward_fraction": backward / len(clock.steps)}
+
+
+def time_to(run, target):
+    """Training wall time of the first evaluation at or below target, or None."""
+    for e in run["evals"]:
+        if e["eval_loss"] <= target:
+            return e["wall"]
+    return None
+
+
+def loss_at_wall(run, wall):
+    """Eval loss of the last evaluation made within `wall` seconds of training."""
+    done = [e for e in run["evals"] if e["wall"] <= wall + 1e-9]
+    return done[-1]["eval_loss"] if done else None
+
+
+def summarize(runs):
+    base = runs[0]
+    target = base["final_eval_loss"]
+    per_step = sum(base["step_wall"]) / len(base["step_wall"])
+    rows = []
+    for r in runs:
+        t = time_to(r, target)
+        rows.append({
+            "name": r["name"],
+            "step_time_ratio": per_step / (sum(r["step_wall"]) / len(r["step_wall"])),
+            "time_to_target_ratio": None if t is None else t / base["train_wall"],
+            "final_eval_loss": r["final_eval_loss"],
+            "eval_loss_vs_trainer": r["final_eval_loss"] / target - 1.0,
+            "trainer_eval_loss_at_same_wall": loss_at_wall(base, r["train_wall"]),
+            "backward_fraction": r["backward_fraction"],
+            "train_wall": r["train_wall"],
+        })
+    return {"target_eval_loss": target, "rows": rows}
+
+
+def print_table(summary):
+    print(f"\ntarget = Trainer's final eval loss {summary['target_eval_loss']:.4f}")
+    print(f"{'run':<22}{'step-time x':>12}{'time-to-target':>16}{'final eval':>12}{'vs Trainer':>12}"
+          f"{'Trainer@same wall':>19}{'backward':>10}{'wall s':>9}")
+    for r in summary["rows"]:
+        ttt = "not reached" if r["time_to_target_ratio"] is None else f"{r['time_to_target_ratio']:.2f}x"
+        same = r["trainer_eval_loss_at_same_wall"]
+        print(f"{r['name']:<22}{r['step_time_ratio']:>11.2f}x{ttt:>16}{r['final_eval_loss']:>12.4f}"
+              f"{r['eval_loss_vs_trainer']:>+11.1%} {'-' if same is None else f'{same:.4f}':>18}"
+              f"{r['backward_fraction']:>10.2f}{r['train_wall']:>9.1f}")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", default="sentiment", choices=["sentiment"])
+    p.add_argument("--configs", default="trainer,default,sketch",
+                   help=f"comma-separated, first is the reference; known: {', '.join(CONFIGS)}")
+    p.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="define an extra config, e.g. --set 'fast:vsa_predict_steps=30'")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--eval_every", type=int, default=10)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--max_length", type=int, default=48)
+    p.add_argument("--n_eval", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu", action="store_true", help="force CPU even where CUDA is available")
+    p.add_argument("--quick", action="store_true", help="smoke test: 12 steps, 64 eval examples")
+    p.add_argument("--out", default="bench_out/benchmark.json")
+    p.add_argument("--workdir", default="bench_out/runs")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.steps, a.eval_every, a.n_eval, a.batch = 12, 6, 64, 8
+    return a
+
+
+def parse_value(v):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def main(argv=None):
+    a = parse(argv)
+    configs = dict(CONFIGS)
+    for spec in a.set:
+        name, _, kvs = spec.partition(":")
+        configs[name] = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
+    names = a.configs.split(",")
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; known: {sorted(configs)}")
+    if configs[names[0]] is not None:
+        raise SystemExit("--configs: the first entry is the reference and must be 'trainer'")
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    def task():
+        model, _, train, evl = sentiment_task(max_length=a.max_length, n_eval=a.n_eval, seed=a.seed)
+        return model, train, evl
+
+    runs = []
+    for n in names:
+        print(f"== {n}", flush=True)
+        runs.append(run_one(n, configs[n], task, a))
+    summary = summarize(runs)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not a.cpu else \
+        f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    result = {"task": a.task, "device": device, "args": vars(a), "summary": summary, "runs": runs}
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"device: {device}")
+    print_table(summary)
+    print(f"wrote {a.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

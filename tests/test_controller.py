@@ -1,0 +1,83 @@
+import pytest
+
+from hf_vsa import Phase, PhaseController
+
+
+def seq(ctrl, n, **kw):
+    return "".join(ctrl.next_phase(**kw).name[0] for _ in range(n))
+
+
+def test_fixed_schedule_sequence():
+    c = PhaseController(warmup_steps=2, full_steps=2, predict_steps=5, correct_every=2, min_history=2, adaptive=False)
+    assert seq(c, 16) == "WW" + "FF" + "PCPCP" + "FF" + "PCPCP"[:5]
+
+
+def test_warmup_lasts_until_history_is_long_enough():
+    c = PhaseController(warmup_steps=1, full_steps=1, predict_steps=2, correct_every=5, min_history=4, adaptive=False)
+    assert seq(c, 8) == "WWWW" + "FPP" + "F"
+
+
+def test_no_correct_on_last_predict_step():
+    c = PhaseController(warmup_steps=0, full_steps=1, predict_steps=3, correct_every=3, min_history=0, adaptive=False)
+    assert seq(c, 8) == "FPPP" + "FPPP"
+
+
+def test_predict_steps_zero_is_all_backprop():
+    c = PhaseController(warmup_steps=1, full_steps=3, predict_steps=0, correct_every=1, min_history=1, adaptive=False)
+    assert seq(c, 7) == "W" + "FFFFFF"
+
+
+def test_full_steps_zero_cycles_through_predict():
+    c = PhaseController(warmup_steps=2, full_steps=0, predict_steps=4, correct_every=2, min_history=2, adaptive=False)
+    assert seq(c, 10) == "WW" + "PCPP" + "PCPP"
+
+
+def test_rising_loss_lengthens_full_and_shortens_predict():
+    c = PhaseController(warmup_steps=0, full_steps=2, predict_steps=8, correct_every=4, min_history=0,
+                        adaptive=True, loss_threshold=0.1)
+    losses = iter([1.0, 1.5])
+    seq(c, 10, cycle_loss=lambda: next(losses))
+    seq(c, 10, cycle_loss=lambda: next(losses))  # second cycle ends here? not yet: first end
+    c.next_phase(cycle_loss=lambda: next(losses))  # ends cycle 2: loss rose 50%
+    assert (c.full, c.predict) == (4, 4)
+    assert c.block is Phase.FULL
+
+
+def test_steadily_falling_loss_shortens_full_and_lengthens_predict():
+    c = PhaseController(warmup_steps=0, full_steps=3, predict_steps=6, correct_every=3, min_history=0,
+                        adaptive=True, loss_threshold=0.1)
+    for loss in (1.0, 0.9, 0.8):
+        c._adapt(loss)
+    assert (c.full, c.predict) == (2, 9)
+    for loss in (0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05):
+        c._adapt(loss)
+    assert c.full == 1 and c.predict == 12  # bounded by [1, 4*full] and [1, 2*predict]
+
+
+def test_adaptive_off_ignores_losses():
+    c = PhaseController(warmup_steps=0, full_steps=2, predict_steps=4, correct_every=2, min_history=0, adaptive=False)
+    seq(c, 30, cycle_loss=lambda: pytest.fail("loss must not be read when adaptive is off"))
+    assert (c.full, c.predict) == (2, 4)
+
+
+def test_large_residual_brings_the_next_correct_forward():
+    c = PhaseController(warmup_steps=0, full_steps=1, predict_steps=40, correct_every=6, min_history=0,
+                        adaptive=False, residual_threshold=1.5)
+    assert seq(c, 7) == "F" + "PPPPPC"
+    c.report_residual(0.5)
+    assert seq(c, 6) == "PPPPPC"
+    c.report_residual(2.0)  # 4x the running mean: early correction after half the interval
+    assert seq(c, 3) == "PPC"
+    c.report_residual(0.5)
+    assert seq(c, 6) == "PPPPPC"
+
+
+def test_counts_and_state_dict_round_trip():
+    a = PhaseController(warmup_steps=3, full_steps=2, predict_steps=6, correct_every=2, min_history=2)
+    seq(a, 13, cycle_loss=lambda: 1.0)
+    b = PhaseController(warmup_steps=3, full_steps=2, predict_steps=6, correct_every=2, min_history=2)
+    b.load_state_dict(a.state_dict())
+    assert seq(a, 40, cycle_loss=lambda: 2.0) == seq(b, 40, cycle_loss=lambda: 2.0)
+    assert a.counts == b.counts and sum(a.counts.values()) == 53
+    with pytest.raises(KeyError, match="missing"):
+        b.load_state_dict({"step": 1})

@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+import torch
+
+from hf_vsa import GradientPredictor
+from hf_vsa.predictor import wls_coefficients
+
+
+def make(shapes=((3, 4), (5,)), **kw):
+    params = [torch.zeros(s) for s in shapes]
+    return params, GradientPredictor(params, **kw)
+
+
+def test_wls_matches_numpy_weighted_lstsq():
+    rng = np.random.default_rng(0)
+    times = [0, 1, 3, 4, 7, 8, 9, 14]
+    hist = [rng.normal(size=(3, 4)) for _ in times]
+    decay, t_pred = 0.9, 19
+    params, pred = make(shapes=((3, 4),), decay=decay, residual_decay=0.0)
+    for t, g in zip(times, hist):
+        pred.record([torch.tensor(g, dtype=torch.float32)], t)
+    got = pred.predict(t_pred)[0].numpy()
+    # Reference: per element, weighted least squares of g(t) = b + v t, weights decay**(T - t).
+    w = np.array([decay ** (times[-1] - t) for t in times])
+    A = np.stack([np.ones(len(times)), np.array(times, float)], 1) * np.sqrt(w)[:, None]
+    Y = np.stack([h.ravel() for h in hist]) * np.sqrt(w)[:, None]
+    coef, *_ = np.linalg.lstsq(A, Y, rcond=None)
+    ref = (coef[0] + coef[1] * t_pred).reshape(3, 4)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_exactly_linear_gradients_are_predicted_exactly():
+    base, vel = torch.randn(6), torch.randn(6)
+    params, pred = make(shapes=((6,),), decay=0.8, residual_decay=0.0)
+    for t in (2, 3, 5, 6):
+        pred.record([base + vel * t], t)
+    for t in (7, 10, 30):
+        torch.testing.assert_close(pred.predict(t)[0], base + vel * t, rtol=1e-4, atol=1e-4)
+
+
+def test_single_record_predicts_that_gradient_and_none_predicts_zero():
+    params, pred = make(residual_decay=0.0)
+    assert all(torch.count_nonzero(p) == 0 for p in pred.predict(5))
+    g = [torch.randn(3, 4), torch.randn(5)]
+    pred.record(g, 0)
+    for a, b in zip(pred.predict(4), g):
+        torch.testing.assert_close(a, b)
+
+
+def test_coefficients_fall_back_to_mean_when_degenerate():
+    assert wls_coefficients(2.0, 0.0, 0.0, 3.0) == (0.5, 0.0)  # two records at one time: their mean
+    assert wls_coefficients(0.0, 0.0, 0.0, 3.0) == (0.0, 0.0)  # nothing recorded: zero
+
+
+def test_momentum_is_bias_corrected_ema():
+    params, pred = make(shapes=((4,),), kind="momentum", momentum=0.9, residual_decay=0.0)
+    gs = [torch.randn(4) for _ in range(5)]
+    m = torch.zeros(4)
+    for t, g in enumerate(gs):
+        pred.record([g], t)
+        m = 0.9 * m + 0.1 * g
+    torch.testing.assert_close(pred.predict(9)[0], m / (1 - 0.9 ** 5))
+
+
+@pytest.mark.parametrize("kind", ["wls", "momentum"])
+def test_non_finite_gradients_never_enter_the_history(kind):
+    params, pred = make(kind=kind, residual_decay=0.0)
+    pred.record([torch.ones(3, 4), torch.ones(5)], 0)
+    pred.record([torch.ones(3, 4) * 3, torch.ones(5) * 3], 1)
+    before = [p.clone() for p in pred.predict(2)]
+    bad = torch.ones(5)
+    bad[2] = float("nan")
+    pred.record([torch.full((3, 4), float("inf")), bad], 2)
+    after = pred.predict(2)
+    assert pred.skipped == 1
+    for a, b in zip(after, before):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+
+
+def test_correct_learns_decayed_residual_and_reports_cosine():
+    params, pred = make(shapes=((8,),), residual_decay=0.5)
+    g = torch.randn(8)
+    pred.record([g], 0)
+    pred.record([g], 1)
+    actual = g + torch.randn(8)
+    cos, rel, per_tensor = pred.correct([actual], 2)
+    ref_cos = torch.nn.functional.cosine_similarity(g, actual, dim=0)
+    assert cos.item() == pytest.approx(ref_cos.item(), abs=1e-5)
+    assert per_tensor[0].item() == pytest.approx(ref_cos.item(), abs=1e-5)
+    assert rel.item() == pytest.approx(((actual - g).norm() / actual.norm()).item(), rel=1e-5)
+    # The residual (actual - fit) decays by 0.5 per step since the CORRECT step.
+    base = pred.predict_base(4)[0]
+    torch.testing.assert_close(pred.predict(4)[0], base + 0.25 * (actual - g), rtol=1e-4, atol=1e-5)
+
+
+def test_long_runs_stay_exact_across_origin_moves():
+    base, vel = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64) * 1e-3
+    params, pred = make(shapes=((6,),), decay=0.9, residual_decay=0.0)
+    for t in range(0, 3000, 7):  # 0.9**-u passes the rescale limit every ~90 steps
+        pred.record([(base + vel * t).float()], t)
+    assert pred.origin > 2000
+    torch.testing.assert_close(pred.predict(3010)[0].double(), base + vel * 3010, rtol=1e-4, atol=1e-4)
+
+
+def test_state_dict_round_trip_and_mismatch_refused():
+    params, a = make()
+    for t in range(4):
+        a.record([torch.randn(3, 4), torch.randn(5)], t)
+    params2, b = make()
+    b.load_state_dict(a.state_dict())
+    for x, y in zip(a.predict(9), b.predict(9)):
+        assert torch.equal(x, y)
+    _, c = make(shapes=((3, 5), (5,)))
+    with pytest.raises(ValueError, match=r"g0\.0"):
+        c.load_state_dict(a.state_dict())
+
+
+def test_memory_does_not_grow_with_history():
+    params, pred = make()
+    size = lambda: sum(v.numel() for v in pred.state_dict().values() if isinstance(v, torch.Tensor))
+    pred.record([torch.randn(3, 4), torch.randn(5)], 0)
+    s1 = size()
+    for t in range(1, 50):
+        pred.record([torch.randn(3, 4), torch.randn(5)], t)
+    assert size() == s1 == 3 * 17  # G0, G1 and the residual per tensor, nothing per record

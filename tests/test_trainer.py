@@ -1,0 +1,160 @@
+"""VSATrainer through its public API on a tiny real BERT classifier."""
+import os
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from conftest import make_dataset, make_model
+from hf_vsa import Phase, PhaseController, VSATrainer, VSATrainingArguments
+
+SCHEDULE = dict(vsa_warmup_steps=3, vsa_history_window=3, vsa_full_steps=2, vsa_predict_steps=6,
+                vsa_correct_every=3, vsa_adaptive_phases=False)
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), max_steps=24, per_device_train_batch_size=8, learning_rate=1e-3,
+                logging_steps=5, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    base.update(kw)
+    return VSATrainingArguments(**base)
+
+
+class BackwardCounter(TrainerCallback):
+    """Counts real backward passes with autograd hooks, per optimizer step."""
+
+    def __init__(self, param):
+        self.calls, self.per_step = 0, []
+        param.register_post_accumulate_grad_hook(lambda p: setattr(self, "calls", self.calls + 1))
+
+    def on_step_end(self, args, state, control, **kw):
+        self.per_step.append(self.calls)
+        self.calls = 0
+
+
+def expected_phases(n, **sched):
+    c = PhaseController(warmup_steps=sched["vsa_warmup_steps"], full_steps=sched["vsa_full_steps"],
+                        predict_steps=sched["vsa_predict_steps"], correct_every=sched["vsa_correct_every"],
+                        min_history=sched["vsa_history_window"], adaptive=False)
+    return [c.next_phase().name for _ in range(n)]
+
+
+@pytest.mark.parametrize("accum", [1, 4])
+def test_backward_passes_follow_the_schedule(tmp_path, accum):
+    model = make_model()
+    low = model.bert.embeddings.word_embeddings.weight
+    counter = BackwardCounter(low)
+    t = VSATrainer(model=model, args=args(tmp_path, gradient_accumulation_steps=accum, **SCHEDULE),
+                   train_dataset=make_dataset(512), callbacks=[counter])
+    t.train()
+    phases = expected_phases(24, **SCHEDULE)
+    assert t.vsa.phases == phases
+    # Every micro-batch of a backprop step runs backward, no micro-batch of a PREDICT step does:
+    # the phase only changes between optimizer steps.
+    assert counter.per_step == [0 if p == "PREDICT" else accum for p in phases]
+    assert t.vsa.controller.counts["PREDICT"] == phases.count("PREDICT") > 0
+
+
+def test_parameters_move_on_predict_steps(tmp_path):
+    model = make_model()
+    low = model.bert.encoder.layer[0].attention.self.query.weight
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            self.before = low.detach().clone()
+
+        def on_step_end(self, *a, **kw):
+            seen.append((t.vsa.phase, not torch.equal(self.before, low)))
+
+    t = VSATrainer(model=model, args=args(tmp_path, **SCHEDULE), train_dataset=make_dataset(512), callbacks=[Watch()])
+    t.train()
+    predict = [moved for phase, moved in seen if phase is Phase.PREDICT]
+    assert predict and all(predict)
+
+
+def test_disabled_is_bit_identical_to_the_plain_trainer(tmp_path):
+    data = make_dataset(512)
+    a = make_model()
+    VSATrainer(model=a, args=args(tmp_path, vsa_enabled=False), train_dataset=data).train()
+    b = make_model()
+    plain = TrainingArguments(**{k: v for k, v in args(tmp_path).to_dict().items()
+                                 if not k.startswith("vsa_") and k in TrainingArguments.__dataclass_fields__
+                                 and TrainingArguments.__dataclass_fields__[k].init})
+    Trainer(model=b, args=plain, train_dataset=data).train()
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), n
+
+
+def test_two_identical_runs_are_identical(tmp_path):
+    out = []
+    for i in range(2):
+        m = make_model()
+        t = VSATrainer(model=m, args=args(tmp_path / str(i), **SCHEDULE), train_dataset=make_dataset(512))
+        t.train()
+        out.append((m.state_dict(), t.vsa.phases))
+    assert out[0][1] == out[1][1]
+    for n, x in out[0][0].items():
+        assert torch.equal(x, out[1][0][n]), n
+
+
+def test_partial_backward_stops_below_the_exact_tensors(tmp_path):
+    model = make_model()
+    low = BackwardCounter(model.bert.embeddings.word_embeddings.weight)
+    top = BackwardCounter(model.classifier.weight)
+    t = VSATrainer(model=model, args=args(tmp_path, vsa_exact_fraction=0.3, **SCHEDULE),
+                   train_dataset=make_dataset(512), callbacks=[low, top])
+    t.train()
+    phases = t.vsa.phases
+    assert top.per_step == [1] * 24  # the head gets an exact gradient on every step
+    assert low.per_step == [0 if p == "PREDICT" else 1 for p in phases]
+    assert all(p is not model.classifier.weight for p in t.vsa.params)  # not tracked by the predictor
+    assert all(p.requires_grad for p in model.parameters())  # frozen only during the step
+
+
+def test_untrusted_tensors_get_no_update_on_predict_steps(tmp_path):
+    model = make_model()
+    t = VSATrainer(model=model, args=args(tmp_path, vsa_min_cosine=1.0, **SCHEDULE), train_dataset=make_dataset(512))
+    t.train()
+    # No prediction reaches cosine 1.0: after the first CORRECT step every tensor is left alone.
+    assert t.vsa.predict_mask == [False] * len(t.vsa.params)
+
+
+def test_logs_report_phase_statistics_and_measured_loss(tmp_path):
+    t = VSATrainer(model=make_model(), args=args(tmp_path, logging_steps=6, **SCHEDULE),
+                   train_dataset=make_dataset(512))
+    t.train()
+    logs = [h for h in t.state.log_history if "loss" in h]
+    assert len(logs) == 4
+    for key in ("vsa/phase", "vsa/backward_fraction", "vsa/prediction_cosine", "vsa/speedup_estimate",
+                "vsa/steps_predict", "vsa/steps_full", "vsa/steps_correct", "vsa/steps_warmup"):
+        assert key in logs[-1], key
+    last = logs[-1]
+    n = len(t.vsa.phases)
+    assert last["vsa/backward_fraction"] == pytest.approx(1 - t.vsa.phases.count("PREDICT") / n)
+    assert -1.0 <= last["vsa/prediction_cosine"] <= 1.0
+    # The logged loss is the mean of the measured (forward) steps only.
+    assert all(0 < h["loss"] < 2 for h in logs)
+    assert sum(h["vsa/loss_measured_steps"] for h in logs) == n - t.vsa.phases.count("PREDICT")
+
+
+def test_a_standard_script_runs_unchanged_after_the_swap(tmp_path):
+    pytest.importorskip("tensorboard")
+    a = args(tmp_path, max_steps=30, eval_strategy="steps", eval_steps=10, save_strategy="steps", save_steps=10,
+             load_best_model_at_end=True, metric_for_best_model="eval_loss", lr_scheduler_type="cosine",
+             warmup_steps=3, max_grad_norm=0.5, report_to="tensorboard",
+             save_total_limit=2, **SCHEDULE)
+    t = VSATrainer(model=make_model(), args=a, train_dataset=make_dataset(512), eval_dataset=make_dataset(64, 1))
+    out = t.train()
+    assert out.global_step == 30
+    assert any("eval_loss" in h for h in t.state.log_history)
+    ckpts = sorted(d for d in os.listdir(a.output_dir) if d.startswith("checkpoint-"))
+    assert len(ckpts) <= 2 and all(os.path.exists(os.path.join(a.output_dir, c, "vsa_state.safetensors"))
+                                   for c in ckpts)
+    assert t.state.best_model_checkpoint is not None
+    assert any(f.startswith("events") for _, _, fs in os.walk(a.output_dir) for f in fs)  # tensorboard wrote
+
+
+def test_vsa_trainer_needs_vsa_arguments(tmp_path):
+    with pytest.raises(TypeError, match="VSATrainingArguments"):
+        VSATrainer(model=make_model(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none",
+                                                              use_cpu=True), train_dataset=make_dataset(32))
