@@ -95,4 +95,5 @@ def load_engine(engine, directory):
     engine.phase = None if meta["engine/phase"] < 0 else Phase(meta["engine/phase"])
     engine.seconds = {k: float(v) for k, v in meta["engine/seconds"].items()}
     engine.controller.load_state_dict(meta["controller"])
+    engine.refresh_mask()
     return path

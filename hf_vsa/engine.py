@@ -95,7 +95,7 @@ class VSAEngine:
             # host sync: once per CORRECT step (a backprop step), for the two decisions below
             rel, *tensor_cos = torch.cat([rel_residual.reshape(1), self.tensor_cosine]).tolist()
             self.controller.report_residual(rel)
-            self.predict_mask = [c >= self.args.vsa_min_cosine for c in tensor_cos]
+            self.refresh_mask(tensor_cos)
         else:
             self.predictor.record(grads, self.step)
 
@@ -119,6 +119,15 @@ class VSAEngine:
                 p.grad = g
             else:
                 p.grad.copy_(g)
+
+    def refresh_mask(self, tensor_cos=None):
+        """Which tensors get their prediction, from the running per-tensor cosines."""
+        if self.args.vsa_min_cosine <= -1.0 or self.corrections == 0:
+            self.predict_mask = [True] * len(self.params)
+            return
+        if tensor_cos is None:
+            tensor_cos = self.tensor_cosine.tolist()  # host sync: only when state is loaded
+        self.predict_mask = [c >= self.args.vsa_min_cosine for c in tensor_cos]
 
     @property
     def partial(self) -> bool:
@@ -153,9 +162,10 @@ class VSAEngine:
         return out
 
     def take_measured_loss(self):
-        """Mean loss of the optimizer steps whose forward ran since the last call (device tensor)."""
+        """Mean loss of the optimizer steps whose forward ran since the last call (device tensor);
+        with none, the last measured step's loss (the count, 0, says so)."""
         n = self.log_n
-        value = self.log_loss / n if n else torch.full_like(self.log_loss, float("nan"))
+        value = self.log_loss / n if n else self.last_loss * self.args.gradient_accumulation_steps
         self.log_loss = torch.zeros_like(self.log_loss)
         self.log_n = 0
         return value, n

@@ -136,8 +136,8 @@ class GradientPredictor:
         diff = torch._foreach_sub(actual, pred)
         a2, p2, d2 = (torch.stack(torch._foreach_norm(x)).double() ** 2 for x in (actual, pred, diff))
         dots = (a2 + p2 - d2) / 2  # a.p from three norms: no extra full-size buffer
-        per_tensor = dots / (a2.sqrt() * p2.sqrt()).clamp_min(1e-30)
-        cosine = dots.sum() / (a2.sum().sqrt() * p2.sum().sqrt()).clamp_min(1e-30)
+        per_tensor = (dots / (a2.sqrt() * p2.sqrt()).clamp_min(1e-30)).clamp(-1.0, 1.0)
+        cosine = (dots.sum() / (a2.sum().sqrt() * p2.sum().sqrt()).clamp_min(1e-30)).clamp(-1.0, 1.0)
         rel_residual = d2.sum().sqrt() / a2.sum().sqrt().clamp_min(1e-30)
         if self.record(actual, t):
             if fresh is not None:

