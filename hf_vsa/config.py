@@ -8,7 +8,8 @@ PREDICTORS = ("wls", "momentum")
 PRESETS = {
     # The method as first sketched (vsa-optim-rs): WLS baseline + velocity, fixed schedule.
     "sketch": dict(vsa_predictor="wls", vsa_warmup_steps=10, vsa_full_steps=5, vsa_predict_steps=20,
-                   vsa_correct_every=5, vsa_adaptive_phases=False, vsa_predict_forward=False),
+                   vsa_correct_every=5, vsa_adaptive_phases=False, vsa_predict_forward=False,
+                   vsa_exact_fraction=0.0, vsa_min_cosine=-1.0),
 }
 # Optimizers that update parameters inside backward: with no backward there is no update at
 # all, and a gradient written into .grad is never read.
@@ -88,14 +89,14 @@ class VSATrainingArguments(TrainingArguments):
                           "measured steps only."},
     )
     vsa_exact_fraction: float = field(
-        default=0.0,
+        default=0.2,
         metadata={"help": "Partial backward on PREDICT steps: the last fraction, in [0, 1), of the trainable "
                           "tensors (in registration order: the output end of the network) get exact gradients "
                           "from a backward that stops below them; only the tensors before them are predicted "
                           "(and only they are tracked by the predictor). 0: PREDICT steps run no backward."},
     )
     vsa_min_cosine: float = field(
-        default=-1.0,
+        default=0.2,
         metadata={"help": "A predicted tensor whose prediction cosine, measured at CORRECT steps (running mean), "
                           "is below this gets no update on PREDICT steps (grad=None) until it recovers. In [-1, 1]; "
                           "-1 predicts every tensor."},

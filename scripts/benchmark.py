@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
 from hf_vsa import VSATrainer, VSATrainingArguments
-from tasks import sentiment_task
+from tasks import gpt2_scratch_task, sentiment_task, smollm_task
 
 # Named VSA configurations (vsa_* overrides on top of VSATrainingArguments' defaults).
 CONFIGS = {
@@ -56,11 +56,27 @@ class StepClock(TrainerCallback):
         self.evals.append({"step": state.global_step, "wall": self.train_time, "eval_loss": metrics["eval_loss"]})
 
 
-def run_one(name, overrides, task, a):
+def _without_tokenizer(task):
+    model, _, train, evl = task
+    return model, train, evl
+
+
+# Per task: how to build (model, train, eval) and its training settings.
+TASKS = {
+    "sentiment": (lambda a: _without_tokenizer(sentiment_task(max_length=a.max_length, n_eval=a.n_eval, seed=a.seed)),
+                  dict(steps=150, eval_every=10, batch=32, lr=1e-4, n_eval=512)),
+    "gpt2_scratch": (lambda a: gpt2_scratch_task(n_eval=a.n_eval, seed=a.seed),
+                     dict(steps=300, eval_every=20, batch=16, lr=1e-3, n_eval=64)),
+    "smollm": (lambda a: smollm_task(n_eval=a.n_eval, seed=a.seed),
+               dict(steps=60, eval_every=10, batch=4, lr=5e-5, n_eval=32)),
+}
+
+
+def run_one(name, overrides, a):
     set_seed(a.seed)
-    model, train, evl = task()
+    model, train, evl = TASKS[a.task][0](a)
     common = dict(output_dir=os.path.join(a.workdir, name), max_steps=a.steps, per_device_train_batch_size=a.batch,
-                  per_device_eval_batch_size=128, learning_rate=a.lr, lr_scheduler_type="constant",
+                  per_device_eval_batch_size=32, learning_rate=a.lr, lr_scheduler_type="constant",
                   eval_strategy="steps", eval_steps=a.eval_every, logging_steps=1, save_strategy="no",
                   report_to="none", seed=a.seed, disable_tqdm=True, max_grad_norm=1.0, use_cpu=a.cpu)
     if overrides is None:
@@ -131,27 +147,55 @@ def print_table(summary):
               f"{r['backward_fraction']:>10.2f}{r['train_wall']:>9.1f}")
 
 
+def spread(summaries):
+    """Mean, min and max over seeds of each ratio, per config."""
+    out = {}
+    for i, row in enumerate(summaries[0]["rows"]):
+        vals = {}
+        for key in ("step_time_ratio", "time_to_target_ratio", "eval_loss_vs_trainer", "backward_fraction"):
+            xs = [s["rows"][i][key] for s in summaries]
+            got = [x for x in xs if x is not None]
+            vals[key] = {"mean": sum(got) / len(got) if got else None, "min": min(got, default=None),
+                         "max": max(got, default=None), "reached": len(got), "of": len(xs)}
+        out[row["name"]] = vals
+    return out
+
+
+def print_spread(sp):
+    print("\n-- over seeds: mean [min, max]")
+    fmt = lambda v, f: "-" if v["mean"] is None else f"{f(v['mean'])} [{f(v['min'])}, {f(v['max'])}]"
+    for name, v in sp.items():
+        ttt = fmt(v["time_to_target_ratio"], lambda x: f"{x:.2f}x")
+        print(f"{name:<14} step-time {fmt(v['step_time_ratio'], lambda x: f'{x:.2f}x')}  "
+              f"time-to-target {ttt} (reached {v['time_to_target_ratio']['reached']}/{v['time_to_target_ratio']['of']})  "
+              f"final eval vs Trainer {fmt(v['eval_loss_vs_trainer'], lambda x: f'{x:+.1%}')}")
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--task", default="sentiment", choices=["sentiment"])
+    p.add_argument("--task", default="sentiment", choices=list(TASKS))
     p.add_argument("--configs", default="trainer,default,sketch",
                    help=f"comma-separated, first is the reference; known: {', '.join(CONFIGS)}")
     p.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="define an extra config, e.g. --set 'fast:vsa_predict_steps=30'")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--eval_every", type=int, default=10)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--max_length", type=int, default=48)
-    p.add_argument("--n_eval", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="optimizer steps (task default)")
+    p.add_argument("--eval_every", type=int, help="evaluate every N steps (task default)")
+    p.add_argument("--batch", type=int, help="per-device batch size (task default)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate, constant schedule (task default)")
+    p.add_argument("--n_eval", type=int, help="held-out examples or blocks (task default)")
+    p.add_argument("--max_length", type=int, default=48, help="sentiment: tokens per snippet")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each runs every config")
     p.add_argument("--cpu", action="store_true", help="force CPU even where CUDA is available")
     p.add_argument("--quick", action="store_true", help="smoke test: 12 steps, 64 eval examples")
     p.add_argument("--out", default="bench_out/benchmark.json")
     p.add_argument("--workdir", default="bench_out/runs")
     a = p.parse_args(argv)
+    for k, v in TASKS[a.task][1].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     if a.quick:
-        a.steps, a.eval_every, a.n_eval, a.batch = 12, 6, 64, 8
+        a.steps, a.eval_every, a.n_eval, a.batch = 12, 6, min(a.n_eval, 32), min(a.batch, 8)
+    a.seeds = [int(x) for x in a.seeds.split(",")]
     return a
 
 
@@ -177,24 +221,27 @@ def main(argv=None):
     if configs[names[0]] is not None:
         raise SystemExit("--configs: the first entry is the reference and must be 'trainer'")
     torch.set_num_threads(os.cpu_count() or 1)
-
-    def task():
-        model, _, train, evl = sentiment_task(max_length=a.max_length, n_eval=a.n_eval, seed=a.seed)
-        return model, train, evl
-
-    runs = []
-    for n in names:
-        print(f"== {n}", flush=True)
-        runs.append(run_one(n, configs[n], task, a))
-    summary = summarize(runs)
+    per_seed = []
+    for seed in a.seeds:
+        a.seed = seed
+        runs = []
+        for n in names:
+            print(f"== {a.task} seed {seed}: {n}", flush=True)
+            runs.append(run_one(n, configs[n], a))
+        per_seed.append({"seed": seed, "summary": summarize(runs), "runs": runs})
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not a.cpu else \
         f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    result = {"task": a.task, "device": device, "args": vars(a), "summary": summary, "runs": runs}
+    result = {"task": a.task, "device": device, "args": vars(a), "seeds": per_seed,
+              "spread": spread([s["summary"] for s in per_seed])}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"device: {device}")
-    print_table(summary)
+    print(f"\ntask: {a.task}; device: {device}; torch {torch.__version__}")
+    for s in per_seed:
+        print(f"\n-- seed {s['seed']}")
+        print_table(s["summary"])
+    if len(per_seed) > 1:
+        print_spread(result["spread"])
     print(f"wrote {a.out}")
     return result
 

@@ -55,14 +55,16 @@ def main(argv=None):
     trainer.save_model()
     steps = out.global_step
     if script.baseline or not args.vsa_enabled:
-        run, skipped = steps, 0
+        full, predicted, how = steps, 0, ""
     else:
-        counts = trainer.vsa.controller.counts
-        skipped = counts["PREDICT"]
-        run = steps - skipped
+        predicted = trainer.vsa.controller.counts["PREDICT"]
+        full = steps - predicted
+        how = (f"forward + backward through the top {args.vsa_exact_fraction:.0%} of trainable tensors only"
+               if trainer.vsa.partial else "no backward")
     print(f"\n== {cls.__name__} summary ==")
     print(f"optimizer steps        {steps}")
-    print(f"backward passes run    {run}  (skipped {skipped}, {skipped / max(steps, 1):.0%})")
+    print(f"full backward passes   {full}")
+    print(f"PREDICT steps          {predicted}" + (f" ({how})" if predicted else ""))
     print(f"train wall time        {wall:.1f} s (includes {args.eval_steps and steps // args.eval_steps} evaluations)")
     print(f"final eval loss        {metrics['eval_loss']:.4f}")
     print(f"final eval accuracy    {metrics['eval_accuracy']:.4f}")

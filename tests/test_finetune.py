@@ -20,11 +20,12 @@ def test_main_job_fine_tunes_the_real_model_and_prints_a_summary(tmp_path):
     out = run(tmp_path)
     assert "== VSATrainer summary ==" in out
     assert "optimizer steps        14" in out
-    assert "backward passes run    9  (skipped 5" in out  # WWW FF PCPP FF PCP
+    assert "full backward passes   9" in out  # WWW FF PCPP FF PCP
+    assert "PREDICT steps          5 (forward + backward through the top 20% of trainable tensors only)" in out
     assert "final eval accuracy" in out
     assert (tmp_path / "model.safetensors").exists()
 
 
 def test_baseline_flag_runs_the_plain_trainer(tmp_path):
     out = run(tmp_path, "--baseline")
-    assert "== Trainer summary ==" in out and "skipped 0" in out
+    assert "== Trainer summary ==" in out and "full backward passes   14" in out

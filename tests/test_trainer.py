@@ -10,6 +10,8 @@ from hf_vsa import Phase, PhaseController, VSATrainer, VSATrainingArguments
 
 SCHEDULE = dict(vsa_warmup_steps=3, vsa_history_window=3, vsa_full_steps=2, vsa_predict_steps=6,
                 vsa_correct_every=3, vsa_adaptive_phases=False)
+# PREDICT steps with no backward at all, every tensor predicted (the defaults use a partial backward).
+NO_BACKWARD = dict(SCHEDULE, vsa_exact_fraction=0.0, vsa_min_cosine=-1.0)
 
 
 def args(tmp_path, **kw):
@@ -43,7 +45,7 @@ def test_backward_passes_follow_the_schedule(tmp_path, accum):
     model = make_model()
     low = model.bert.embeddings.word_embeddings.weight
     counter = BackwardCounter(low)
-    t = VSATrainer(model=model, args=args(tmp_path, gradient_accumulation_steps=accum, **SCHEDULE),
+    t = VSATrainer(model=model, args=args(tmp_path, gradient_accumulation_steps=accum, **NO_BACKWARD),
                    train_dataset=make_dataset(512), callbacks=[counter])
     t.train()
     phases = expected_phases(24, **SCHEDULE)
@@ -66,7 +68,8 @@ def test_parameters_move_on_predict_steps(tmp_path):
         def on_step_end(self, *a, **kw):
             seen.append((t.vsa.phase, not torch.equal(self.before, low)))
 
-    t = VSATrainer(model=model, args=args(tmp_path, **SCHEDULE), train_dataset=make_dataset(512), callbacks=[Watch()])
+    t = VSATrainer(model=model, args=args(tmp_path, **NO_BACKWARD), train_dataset=make_dataset(512),
+                   callbacks=[Watch()])
     t.train()
     predict = [moved for phase, moved in seen if phase is Phase.PREDICT]
     assert predict and all(predict)
@@ -89,7 +92,7 @@ def test_two_identical_runs_are_identical(tmp_path):
     out = []
     for i in range(2):
         m = make_model()
-        t = VSATrainer(model=m, args=args(tmp_path / str(i), **SCHEDULE), train_dataset=make_dataset(512))
+        t = VSATrainer(model=m, args=args(tmp_path / str(i), **NO_BACKWARD), train_dataset=make_dataset(512))
         t.train()
         out.append((m.state_dict(), t.vsa.phases))
     assert out[0][1] == out[1][1]
@@ -120,7 +123,7 @@ def test_untrusted_tensors_get_no_update_on_predict_steps(tmp_path):
 
 
 def test_logs_report_phase_statistics_and_measured_loss(tmp_path):
-    t = VSATrainer(model=make_model(), args=args(tmp_path, logging_steps=6, **SCHEDULE),
+    t = VSATrainer(model=make_model(), args=args(tmp_path, logging_steps=6, **NO_BACKWARD),
                    train_dataset=make_dataset(512))
     t.train()
     logs = [h for h in t.state.log_history if "loss" in h]
