@@ -159,7 +159,16 @@ class VSAEngine:
         total = sum(self.seconds.values())
         out["vsa/speedup_estimate"] = (steps * bw_time / backward / total) if backward and total else 1.0
         out["vsa/nonfinite_records_skipped"] = self.predictor.skipped
+        out["vsa/predicted_tensor_fraction"] = sum(self.predict_mask) / len(self.predict_mask)
+        out["vsa/state_memory_ratio"] = self.state_memory_ratio()
         return out
+
+    def state_memory_ratio(self) -> float:
+        """Bytes of all VSA state tensors over the fp32 bytes of the model's trainable parameters."""
+        state = sum(v.numel() * v.element_size() for v in self.predictor.state_dict().values()
+                    if isinstance(v, torch.Tensor))
+        trainable = 4 * sum(p.numel() for p in (*self.params, *self.exact_params))
+        return state / trainable
 
     def take_measured_loss(self):
         """Mean loss of the optimizer steps whose forward ran since the last call (device tensor);
