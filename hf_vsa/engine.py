@@ -12,7 +12,7 @@ from .predictor import GradientPredictor
 
 
 class VSAEngine:
-    def __init__(self, args, model):
+    def __init__(self, args, model, reduce_mean=None):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("VSATrainer: the model has no parameter with requires_grad=True")
@@ -27,6 +27,9 @@ class VSAEngine:
         self.params = [p for _, p in named]
         self.predict_mask = [True] * len(self.params)  # host copy, refreshed at CORRECT steps only
         self.args = args
+        # Averages a device tensor over processes, so every rank takes the same decision.
+        self.reduce_mean = reduce_mean or (lambda t: t)
+        self.comm_bytes = 0  # gradient bytes hf_vsa all-reduced itself (partial PREDICT steps, DDP)
         self.controller = PhaseController(
             warmup_steps=args.vsa_warmup_steps, full_steps=args.vsa_full_steps,
             predict_steps=args.vsa_predict_steps, correct_every=args.vsa_correct_every,
@@ -61,7 +64,8 @@ class VSAEngine:
     def _take_cycle_loss(self) -> float:
         if self.cycle_n == 0:
             return math.nan
-        value = (self.cycle_loss / self.cycle_n).item()  # host sync: once per cycle, at its end
+        # host sync: once per cycle, at its end; averaged over processes so all ranks agree
+        value = self.reduce_mean(self.cycle_loss / self.cycle_n).item()
         self.cycle_loss.zero_()
         self.cycle_n = 0
         return value

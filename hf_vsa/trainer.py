@@ -4,14 +4,17 @@ Only the hooks that need it are overridden; the method itself lives in engine.py
 controller.py and predictor.py. Clipping, the optimizer and the LR scheduler are the
 Trainer's own and run unchanged on PREDICT steps, reading the predicted .grad.
 """
+import contextlib
 import logging
 import os
+import shutil
 import time
 
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from .card import TAGS, add_vsa_section
 from .checkpoint import load_engine, save_engine
 from .config import VSATrainingArguments
 from .controller import Phase
@@ -50,7 +53,7 @@ class VSATrainer(Trainer):
     # ---- the method ------------------------------------------------------------------------
     def _vsa_engine(self) -> VSAEngine:
         if self.vsa is None:
-            self.vsa = VSAEngine(self.args, self.model)
+            self.vsa = VSAEngine(self.args, self.model, reduce_mean=self._vsa_reduce_mean)
             if self._vsa_resume_dir is not None:
                 self._vsa_load(self._vsa_resume_dir)
         return self.vsa
@@ -78,10 +81,15 @@ class VSATrainer(Trainer):
         if engine.partial:
             engine.freeze_predicted(True)
             try:
-                loss = super().training_step(model, inputs, num_items_in_batch)
+                # Under DDP the reducer would wait for the frozen tensors' gradients forever: keep
+                # this backward local and average only the exact tensors' gradients below.
+                with self._vsa_no_sync(model):
+                    loss = super().training_step(model, inputs, num_items_in_batch)
             finally:
                 engine.freeze_predicted(False)
             engine.note_loss(loss, last)
+            if last and self._vsa_world_size() > 1:
+                self._vsa_all_reduce_mean([p.grad for p in engine.exact_params if p.grad is not None])
         elif self.args.vsa_predict_forward:
             loss = self._vsa_forward_loss(model, inputs, num_items_in_batch)
             engine.note_loss(loss, last)
@@ -92,6 +100,29 @@ class VSATrainer(Trainer):
         if last:
             engine.write_prediction(self._vsa_grad_scale())
         return loss
+
+    # ---- multi-process ---------------------------------------------------------------------
+    @staticmethod
+    def _vsa_world_size() -> int:
+        dist = torch.distributed
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def _vsa_no_sync(self, model):
+        return self.accelerator.no_sync(model) if self._vsa_world_size() > 1 else contextlib.nullcontext()
+
+    def _vsa_reduce_mean(self, tensor):
+        return self.accelerator.reduce(tensor, "mean") if self._vsa_world_size() > 1 else tensor
+
+    def _vsa_all_reduce_mean(self, grads):
+        """Average `grads` over processes as DDP does, one flat bucket per dtype."""
+        world = self._vsa_world_size()
+        for dtype in sorted({g.dtype for g in grads}, key=str):
+            group = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in group])
+            torch.distributed.all_reduce(flat)
+            flat /= world
+            torch._foreach_copy_(group, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in group]), group)])
+            self.vsa.comm_bytes += flat.numel() * flat.element_size()
 
     def _vsa_forward_loss(self, model, inputs, num_items_in_batch):
         """The Trainer's loss for this micro-batch, under no_grad (same scaling as training_step)."""
@@ -136,7 +167,10 @@ class VSATrainer(Trainer):
                     raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
             self._vsa_resume_dir = resume_from_checkpoint
             self.vsa = None  # rebuilt from the checkpoint at the first step
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        out = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.args.vsa_enabled and self.vsa is not None and self.args.should_save:
+            self.create_model_card()
+        return out
 
     def _vsa_load(self, directory):
         try:
@@ -147,7 +181,7 @@ class VSATrainer(Trainer):
                 raise
             logger.warning("hf_vsa: no usable VSA state in %s; starting it from scratch "
                            "(vsa_reset_state_on_resume=True)", directory, exc_info=True)
-            self.vsa = VSAEngine(self.args, self.model)
+            self.vsa = VSAEngine(self.args, self.model, reduce_mean=self._vsa_reduce_mean)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -157,3 +191,16 @@ class VSATrainer(Trainer):
             run_dir = self._get_output_dir(trial=trial)
             folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
             save_engine(self.vsa, folder)
+            self.create_model_card()
+            shutil.copyfile(os.path.join(self.args.output_dir, "README.md"), os.path.join(folder, "README.md"))
+
+    # ---- model card ------------------------------------------------------------------------
+    def create_model_card(self, *args, tags=None, **kwargs):
+        """The Trainer's card (results table, hyperparameters, versions) plus the hf_vsa section
+        and tags; rank 0 only, like the Trainer's."""
+        if not self.args.vsa_enabled or self.vsa is None:
+            return super().create_model_card(*args, tags=tags, **kwargs)
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        super().create_model_card(*args, tags=tags + [t for t in TAGS if t not in tags], **kwargs)
+        if self.is_world_process_zero():
+            add_vsa_section(os.path.join(self.args.output_dir, "README.md"), self.vsa, self.args)

@@ -1,0 +1,57 @@
+"""The model card VSATrainer writes: the Trainer's card plus the hf_vsa section, parseable."""
+import pytest
+from huggingface_hub import ModelCard
+
+from conftest import make_dataset, make_model
+from hf_vsa import VSATrainer, VSATrainingArguments
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("card")
+    args = VSATrainingArguments(output_dir=str(out), max_steps=20, per_device_train_batch_size=8, learning_rate=1e-3,
+                                report_to="none", use_cpu=True, eval_strategy="steps", eval_steps=10,
+                                save_strategy="steps", save_steps=10, disable_tqdm=True, logging_steps=5,
+                                vsa_warmup_steps=3, vsa_history_window=3, vsa_full_steps=2, vsa_predict_steps=6,
+                                vsa_correct_every=3)
+    t = VSATrainer(model=make_model(), args=args, train_dataset=make_dataset(256), eval_dataset=make_dataset(32, 1))
+    t.train()
+    return out, t
+
+
+def test_card_is_written_and_parses_back_with_tags(trained):
+    out, t = trained
+    card = ModelCard.load(out / "README.md")
+    assert {"hf_vsa", "vsa-trainer"} <= set(card.data.tags)
+    assert "## Trained with hf_vsa" in card.text and "@software{hf_vsa" in card.text
+    assert (out / "checkpoint-20" / "README.md").exists()
+
+
+def test_card_statistics_equal_the_trainer_counters(trained):
+    out, t = trained
+    text = ModelCard.load(out / "README.md").text
+    c = t.vsa.controller.counts
+    for name, n in c.items():
+        assert f"| {name} | {n} |" in text
+    assert f"Full backward passes: {20 - c['PREDICT']} of 20 optimizer steps ({c['PREDICT']} PREDICT steps)" in text
+    assert "vsa_exact_fraction: 0.2" in text
+
+
+def test_the_trainers_own_card_content_survives(trained):
+    out, t = trained
+    text = ModelCard.load(out / "README.md").text
+    assert "Training hyperparameters" in text and "Framework versions" in text
+    assert "Validation Loss" in text  # the Trainer's results table
+
+
+def test_only_rank_zero_writes(tmp_path, monkeypatch):
+    args = VSATrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8,
+                                report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+                                vsa_warmup_steps=2, vsa_history_window=2, vsa_full_steps=1, vsa_predict_steps=2,
+                                vsa_correct_every=2)
+    t = VSATrainer(model=make_model(), args=args, train_dataset=make_dataset(64))
+    monkeypatch.setattr(type(t.args), "should_save", property(lambda self: False))
+    monkeypatch.setattr(t, "is_world_process_zero", lambda: False)
+    t.train()
+    t.create_model_card()
+    assert not (tmp_path / "README.md").exists()

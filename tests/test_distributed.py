@@ -1,0 +1,67 @@
+"""Real 2-process DDP (accelerate launch --multi_gpu, gloo on CPU) with a tiny real model."""
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out, mode, resume=None):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(WORKER), str(out), mode] + ([str(resume)] if resume else [])
+    # A hang must fail the test, not block CI.
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def same_files(out, name):
+    a, b = load_file(str(out / name.format(0))), load_file(str(out / name.format(1)))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    return a
+
+
+@pytest.mark.parametrize("mode", ["no_backward", "partial"])
+def test_ranks_stay_identical_and_predict_steps_skip_ddp_all_reduce(tmp_path, mode):
+    r0, r1 = launch(tmp_path, mode)
+    assert r0["world"] == 2
+    assert r0["phases"] == r1["phases"] and "PREDICT" in r0["phases"]
+    same_files(tmp_path, "weights{}.safetensors")
+    same_files(tmp_path, "vsa{}/vsa_state.safetensors")
+    for phase, (calls, nbytes, own) in zip(r0["phases"], r0["comm"]):
+        if phase == "PREDICT":
+            assert calls == 0  # DDP's reducer is never used on a PREDICT step
+            # no_backward: no collective at all; partial: one bucket with the exact tensors only
+            assert (own == 0) if mode == "no_backward" else (0 < own)
+        else:
+            assert calls > 0 and own == 0
+    full = max(n for p, (c, n, o) in zip(r0["phases"], r0["comm"]) if p != "PREDICT")
+    if mode == "partial":
+        assert all(o < full / 2 for p, (c, n, o) in zip(r0["phases"], r0["comm"]) if p == "PREDICT")
+
+
+def test_resume_under_ddp_equals_the_uninterrupted_run(tmp_path):
+    straight = tmp_path / "straight"
+    launch(straight, "partial")
+    resumed = tmp_path / "resumed"
+    r0, r1 = launch(resumed, "partial", resume=straight / "run" / "checkpoint-8")
+    assert r0["phases"] == r1["phases"] == json.loads((straight / "rank0.json").read_text())["phases"][8:]
+    a = load_file(str(straight / "weights0.safetensors"))
+    b = same_files(resumed, "weights{}.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
