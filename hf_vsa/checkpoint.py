@@ -16,10 +16,18 @@ STATE_FILE = "vsa_state.safetensors"
 # Settings whose change makes saved state meaningless.
 STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum")
 _ENGINE_INTS = ("step", "corrections", "cycle_n", "log_n")
-_ENGINE_TENSORS = ("cosine", "cosine_sum", "tensor_cosine", "last_loss", "cycle_loss", "log_loss")
+_ENGINE_TENSORS = ("cosine", "cosine_sum", "tensor_cosine")
+# Measured-loss sums differ by rank (each rank sees its own data): saved as one row per rank.
+RANK_LOCAL = ("cycle_loss", "log_loss", "last_loss")
 
 
-def engine_state(engine):
+def rank_local(engine):
+    """This rank's row of the rank-local statistics, to be gathered across ranks before saving."""
+    return torch.stack([getattr(engine, k).float() for k in RANK_LOCAL])
+
+
+def engine_state(engine, rows=None):
+    """`rows`: the gathered [world, len(RANK_LOCAL)] rank-local statistics (this rank's alone: None)."""
     tensors, meta = {}, {}
     for key, value in engine.predictor.state_dict().items():
         if isinstance(value, torch.Tensor):
@@ -31,6 +39,7 @@ def engine_state(engine):
             meta[f"predictor/{key}"] = value
     for name in _ENGINE_TENSORS:
         tensors[f"engine/{name}"] = getattr(engine, name)
+    tensors["engine/rank_local"] = rank_local(engine)[None] if rows is None else rows
     for name in _ENGINE_INTS:
         meta[f"engine/{name}"] = getattr(engine, name)
     meta["engine/phase"] = -1 if engine.phase is None else int(engine.phase)
@@ -40,10 +49,10 @@ def engine_state(engine):
     return tensors, meta
 
 
-def save_engine(engine, directory):
+def save_engine(engine, directory, rows=None):
     """Write `directory/vsa_state.safetensors` via a temp file and rename, so a crash mid-save
     never leaves a partial file that a resume would trust."""
-    tensors, meta = engine_state(engine)
+    tensors, meta = engine_state(engine, rows)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     path = os.path.join(directory, STATE_FILE)
     tmp = path + ".tmp"
@@ -52,9 +61,10 @@ def save_engine(engine, directory):
     return path
 
 
-def load_engine(engine, directory):
+def load_engine(engine, directory, rank=0, world=1):
     """Restore state saved by save_engine onto the parameters' device; refuse any mismatch
-    with a ValueError that names the file."""
+    with a ValueError that names the file. Rank-local statistics: this rank's row when the world
+    size is unchanged, else every rank takes the mean row (so the cross-rank mean is kept)."""
     path = os.path.join(directory, STATE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -76,6 +86,8 @@ def load_engine(engine, directory):
         raise ValueError(f"{path}: tensors do not match the model's trainable parameters; "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     for k, v in expected.items():
+        if k == "engine/rank_local":
+            continue
         if tensors[k].shape != v.shape or tensors[k].dtype != v.dtype:
             raise ValueError(f"{path}: {k} is {tuple(tensors[k].shape)} {tensors[k].dtype}, "
                              f"the model needs {tuple(v.shape)} {v.dtype}")
@@ -90,6 +102,12 @@ def load_engine(engine, directory):
     engine.predictor.load_state_dict(pred)
     for name in _ENGINE_TENSORS:
         setattr(engine, name, tensors[f"engine/{name}"].to(dev))
+    rows = tensors["engine/rank_local"]
+    if rows.ndim != 2 or rows.shape[1] != len(RANK_LOCAL):
+        raise ValueError(f"{path}: engine/rank_local is {tuple(rows.shape)}, expected (world, {len(RANK_LOCAL)})")
+    row = rows[rank] if rows.shape[0] == world else rows.mean(0)
+    for name, value in zip(RANK_LOCAL, row):
+        setattr(engine, name, value.to(dev, getattr(engine, name).dtype))
     for name in _ENGINE_INTS:
         setattr(engine, name, int(meta[f"engine/{name}"]))
     engine.phase = None if meta["engine/phase"] < 0 else Phase(meta["engine/phase"])

@@ -15,7 +15,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .card import TAGS, add_vsa_section
-from .checkpoint import load_engine, save_engine
+from .checkpoint import load_engine, rank_local, save_engine
 from .config import VSATrainingArguments
 from .controller import Phase
 from .engine import VSAEngine
@@ -174,7 +174,7 @@ class VSATrainer(Trainer):
 
     def _vsa_load(self, directory):
         try:
-            path = load_engine(self.vsa, directory)
+            path = load_engine(self.vsa, directory, self.args.process_index, self._vsa_world_size())
             logger.info("hf_vsa: restored VSA state from %s", path)
         except (FileNotFoundError, ValueError):
             if not self.args.vsa_reset_state_on_resume:
@@ -187,12 +187,18 @@ class VSATrainer(Trainer):
         super()._save_checkpoint(model, trial)
         if not self.args.vsa_enabled or self.vsa is None or self.args.save_only_model:
             return
+        rows = self.vsa_rank_rows()  # a collective: every rank takes part, rank 0 writes
         if self.args.should_save:
             run_dir = self._get_output_dir(trial=trial)
             folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
-            save_engine(self.vsa, folder)
+            save_engine(self.vsa, folder, rows)
             self.create_model_card()
             shutil.copyfile(os.path.join(self.args.output_dir, "README.md"), os.path.join(folder, "README.md"))
+
+    def vsa_rank_rows(self):
+        """Every rank's rank-local statistics, gathered (a collective under DDP)."""
+        row = rank_local(self.vsa)[None]
+        return self.accelerator.gather(row) if self._vsa_world_size() > 1 else row
 
     # ---- model card ------------------------------------------------------------------------
     def create_model_card(self, *args, tags=None, **kwargs):

@@ -171,6 +171,26 @@ def print_spread(sp):
               f"final eval vs Trainer {fmt(v['eval_loss_vs_trainer'], lambda x: f'{x:+.1%}')}")
 
 
+def report(paths):
+    """Markdown rows (one per task and config) from saved benchmark JSONs: mean [min, max] over seeds."""
+    print("| task | config | step-time ratio | time to Trainer's final eval loss | final eval loss vs Trainer "
+          "| full-backward fraction | seeds |")
+    print("|---|---|---|---|---|---|---|")
+    for path in paths:
+        d = json.load(open(path))
+        for name, v in d["spread"].items():
+            def f(key, fmt):
+                x = v[key]
+                return "not reached" if x["mean"] is None else (
+                    fmt(x["mean"]) if x["min"] == x["max"] else f"{fmt(x['mean'])} [{fmt(x['min'])}, {fmt(x['max'])}]")
+            ttt = f("time_to_target_ratio", lambda x: f"{x:.2f}x")
+            if v["time_to_target_ratio"]["mean"] is not None:
+                ttt += f" (reached {v['time_to_target_ratio']['reached']}/{v['time_to_target_ratio']['of']})"
+            print(f"| {d['task']} | {name} | {f('step_time_ratio', lambda x: f'{x:.2f}x')} | {ttt} | "
+                  f"{f('eval_loss_vs_trainer', lambda x: f'{x:+.1%}')} | {f('backward_fraction', lambda x: f'{x:.2f}')} "
+                  f"| {','.join(str(s['seed']) for s in d['seeds'])} |")
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", default="sentiment", choices=list(TASKS))
@@ -189,6 +209,7 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="smoke test: 12 steps, 64 eval examples")
     p.add_argument("--out", default="bench_out/benchmark.json")
     p.add_argument("--workdir", default="bench_out/runs")
+    p.add_argument("--report", nargs="+", metavar="JSON", help="print the markdown results table of saved runs and exit")
     a = p.parse_args(argv)
     for k, v in TASKS[a.task][1].items():
         if getattr(a, k) is None:
@@ -210,6 +231,8 @@ def parse_value(v):
 
 def main(argv=None):
     a = parse(argv)
+    if a.report:
+        return report(a.report)
     configs = dict(CONFIGS)
     for spec in a.set:
         name, _, kvs = spec.partition(":")

@@ -117,3 +117,24 @@ def smollm_task(block=64, n_eval=32, seed=0):
     model.hf_quantizer = None  # dequantised on load: plain fp32 weights that Trainer may fine-tune
     model.is_quantized = False
     return model, train, evl
+
+
+TINY_VOCAB, TINY_SEQ = 64, 12
+
+
+def tiny_dataset(n=256, seed=0):
+    """Token sequences labelled by a rule (more high tokens than low ones): learnable, no download."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, TINY_VOCAB, (n, TINY_SEQ), generator=g)
+    labels = ((ids >= TINY_VOCAB // 2).sum(1) > TINY_SEQ // 2).long()
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+                              "labels": labels.tolist()})
+
+
+def tiny_model(seed=0):
+    """A 2-layer BERT classifier built from a config (a real architecture, random weights)."""
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=TINY_SEQ, num_labels=2)
+    return BertForSequenceClassification(cfg)

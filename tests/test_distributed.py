@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_comm.py"
 
 
 def free_port():
@@ -21,7 +21,8 @@ def free_port():
 def launch(out, mode, resume=None):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(WORKER), str(out), mode] + ([str(resume)] if resume else [])
+           "--main_process_port", str(free_port()), str(SCRIPT), "--task", "tiny", "--mode", mode, "--out", str(out),
+           "--save_steps", "4"] + (["--resume", str(resume)] if resume else [])
     # A hang must fail the test, not block CI.
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -65,3 +66,20 @@ def test_resume_under_ddp_equals_the_uninterrupted_run(tmp_path):
     b = same_files(resumed, "weights{}.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path):
+    from conftest import make_dataset, make_model
+    from hf_vsa import VSATrainer, VSATrainingArguments
+    straight = tmp_path / "straight"
+    r0, _ = launch(straight, "partial")
+    args = VSATrainingArguments(output_dir=str(tmp_path / "one"), max_steps=16, per_device_train_batch_size=8,
+                                learning_rate=1e-3, report_to="none", use_cpu=True, save_strategy="no",
+                                disable_tqdm=True, seed=0, vsa_warmup_steps=3, vsa_history_window=3,
+                                vsa_full_steps=2, vsa_predict_steps=6, vsa_correct_every=3,
+                                vsa_exact_fraction=0.3, vsa_min_cosine=0.0)
+    t = VSATrainer(model=make_model(), args=args, train_dataset=make_dataset(512))
+    t.train(resume_from_checkpoint=str(straight / "run" / "checkpoint-8"))
+    # The schedule state carries over whatever the world size (the data split itself changes).
+    assert t.vsa.phases[:4] == r0["phases"][8:12]
+    assert t.vsa.controller.step == 16
