@@ -201,12 +201,18 @@ class VSATrainer(Trainer):
         return self.accelerator.gather(row) if self._vsa_world_size() > 1 else row
 
     # ---- model card ------------------------------------------------------------------------
-    def create_model_card(self, *args, tags=None, **kwargs):
+    def create_model_card(self, *args, tags=None, plot=None, **kwargs):
         """The Trainer's card (results table, hyperparameters, versions) plus the hf_vsa section
-        and tags; rank 0 only, like the Trainer's."""
+        and tags; rank 0 only, like the Trainer's. `plot`: a PNG (e.g. eval loss vs wall time)
+        copied next to the card and embedded in it."""
         if not self.args.vsa_enabled or self.vsa is None:
             return super().create_model_card(*args, tags=tags, **kwargs)
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         super().create_model_card(*args, tags=tags + [t for t in TAGS if t not in tags], **kwargs)
         if self.is_world_process_zero():
-            add_vsa_section(os.path.join(self.args.output_dir, "README.md"), self.vsa, self.args)
+            name = None
+            if plot is not None:
+                name = os.path.basename(plot)
+                if os.path.abspath(plot) != os.path.abspath(os.path.join(self.args.output_dir, name)):
+                    shutil.copyfile(plot, os.path.join(self.args.output_dir, name))
+            add_vsa_section(os.path.join(self.args.output_dir, "README.md"), self.vsa, self.args, name)

@@ -32,16 +32,30 @@ CONFIGS = {
 }
 
 
+def rss_bytes():
+    """Resident set size of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
 class StepClock(TrainerCallback):
-    """Per optimizer step: wall time since the previous step ended, evaluation time excluded."""
+    """Per optimizer step: wall time since the previous step ended, evaluation time excluded;
+    peak memory over the run's steps (RSS sampled at step ends; CUDA: max allocated)."""
 
     def __init__(self):
         self.steps, self.evals, self.mark, self.eval_time, self.train_time = [], [], None, 0.0, 0.0
+        self.peak_rss = 0
 
     def on_train_begin(self, args, state, control, **kw):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         self.mark = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
+        self.peak_rss = max(self.peak_rss, rss_bytes())
         now = time.perf_counter()
         dt = now - self.mark - self.eval_time
         self.train_time += dt
@@ -98,7 +112,9 @@ def run_one(name, overrides, a):
     backward = len(clock.steps) - counts.get("PREDICT", 0)
     return {"name": name, "overrides": overrides, "step_wall": clock.steps, "phase": phases,
             "train_loss": losses, "evals": clock.evals, "train_wall": clock.train_time,
-            "final_eval_loss": clock.evals[-1]["eval_loss"], "backward_fraction": backward / len(clock.steps)}
+            "final_eval_loss": clock.evals[-1]["eval_loss"], "backward_fraction": backward / len(clock.steps),
+            "peak_rss_bytes": clock.peak_rss,
+            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
 
 
 def time_to(run, target):
@@ -131,6 +147,8 @@ def summarize(runs):
             "trainer_eval_loss_at_same_wall": loss_at_wall(base, r["train_wall"]),
             "backward_fraction": r["backward_fraction"],
             "train_wall": r["train_wall"],
+            "peak_rss_gb": r["peak_rss_bytes"] / 2**30,
+            "cuda_max_allocated_gb": None if r["cuda_max_allocated_bytes"] is None else r["cuda_max_allocated_bytes"] / 2**30,
         })
     return {"target_eval_loss": target, "rows": rows}
 
@@ -138,13 +156,14 @@ def summarize(runs):
 def print_table(summary):
     print(f"\ntarget = Trainer's final eval loss {summary['target_eval_loss']:.4f}")
     print(f"{'run':<22}{'step-time x':>12}{'time-to-target':>16}{'final eval':>12}{'vs Trainer':>12}"
-          f"{'Trainer@same wall':>19}{'backward':>10}{'wall s':>9}")
+          f"{'Trainer@same wall':>19}{'backward':>10}{'wall s':>9}{'peak RSS GB':>13}")
     for r in summary["rows"]:
         ttt = "not reached" if r["time_to_target_ratio"] is None else f"{r['time_to_target_ratio']:.2f}x"
         same = r["trainer_eval_loss_at_same_wall"]
         print(f"{r['name']:<22}{r['step_time_ratio']:>11.2f}x{ttt:>16}{r['final_eval_loss']:>12.4f}"
               f"{r['eval_loss_vs_trainer']:>+11.1%} {'-' if same is None else f'{same:.4f}':>18}"
-              f"{r['backward_fraction']:>10.2f}{r['train_wall']:>9.1f}")
+              f"{r['backward_fraction']:>10.2f}{r['train_wall']:>9.1f}{r['peak_rss_gb']:>13.2f}"
+              + ("" if r["cuda_max_allocated_gb"] is None else f"  CUDA max {r['cuda_max_allocated_gb']:.2f} GB"))
 
 
 def spread(summaries):

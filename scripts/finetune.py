@@ -10,6 +10,7 @@ usage:
     python scripts/finetune.py --model_name_or_path bert-base-uncased --dataset imdb   # with network
 Every TrainingArguments / VSATrainingArguments field is a flag (--help lists them).
 """
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser, Trainer, set_seed
 
 from hf_vsa import VSATrainer, VSATrainingArguments
+from benchmark import StepClock
 from tasks import accuracy, sentiment_task
 
 DEFAULTS = dict(output_dir="out/finetune", max_steps=150, per_device_train_batch_size=32,
@@ -36,6 +38,22 @@ class ScriptArguments:
     max_length: int = field(default=48, metadata={"help": "Tokens per example (truncate/pad)."})
     n_eval: int = field(default=512, metadata={"help": "Held-out examples for evaluation."})
     baseline: bool = field(default=False, metadata={"help": "Run the plain transformers.Trainer instead."})
+    plot: bool = field(default=False, metadata={"help": "Plot eval loss vs training wall time (needs matplotlib) "
+                                                       "and embed it in the model card."})
+
+
+def plot_eval_vs_time(evals, path, label):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([e["wall"] for e in evals], [e["eval_loss"] for e in evals], marker=".", label=label)
+    ax.set_xlabel("training wall time (s, evaluation excluded)")
+    ax.set_ylabel("eval loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def main(argv=None):
@@ -46,13 +64,18 @@ def main(argv=None):
     model, tok, train, evl = sentiment_task(script.model_name_or_path, script.dataset, script.max_length,
                                             script.n_eval, args.seed, script.text_column, script.label_column)
     cls = Trainer if script.baseline else VSATrainer
+    clock = StepClock()
     trainer = cls(model=model, args=args, train_dataset=train, eval_dataset=evl, processing_class=tok,
-                  compute_metrics=accuracy)
+                  compute_metrics=accuracy, callbacks=[clock])
     t0 = time.perf_counter()
     out = trainer.train()
     wall = time.perf_counter() - t0
     metrics = trainer.evaluate()
     trainer.save_model()
+    if script.plot:
+        png = plot_eval_vs_time(clock.evals, os.path.join(args.output_dir, "eval_loss_vs_time.png"), cls.__name__)
+        if not script.baseline and args.vsa_enabled:
+            trainer.create_model_card(plot=png)
     steps = out.global_step
     if script.baseline or not args.vsa_enabled:
         full, predicted, how = steps, 0, ""

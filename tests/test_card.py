@@ -1,4 +1,6 @@
 """The model card VSATrainer writes: the Trainer's card plus the hf_vsa section, parseable."""
+from pathlib import Path
+
 import pytest
 from huggingface_hub import ModelCard
 
@@ -55,3 +57,35 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
     t.train()
     t.create_model_card()
     assert not (tmp_path / "README.md").exists()
+
+
+def test_plot_is_copied_and_embedded(trained, tmp_path):
+    out, t = trained
+    png = tmp_path / "loss_vs_time.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n")
+    t.create_model_card(plot=str(png))
+    assert (out / "loss_vs_time.png").read_bytes() == png.read_bytes()
+    assert "![eval loss vs wall time](loss_vs_time.png)" in ModelCard.load(out / "README.md").text
+
+
+def test_push_to_hub_uploads_the_card_unchanged(trained, monkeypatch):
+    """The hub client is replaced by a recorder (no network): what push_to_hub would upload is the
+    folder holding the card that create_model_card wrote."""
+    import transformers.trainer as trainer_module
+    out, t = trained
+    uploads = []
+
+    class FakeHub:
+        def create_repo(self, repo_id, **kw):
+            return type("Url", (), {"repo_id": f"user/{repo_id}"})()
+
+        def upload_folder(self, repo_id, folder_path, **kw):
+            uploads.append((repo_id, (Path(folder_path) / "README.md").read_text()))
+
+    monkeypatch.setattr(trainer_module, "hf_api", lambda: FakeHub())
+    t.push_to_hub(commit_message="end of training")
+    (repo, card_text), = uploads
+    assert repo == f"user/{out.name}"
+    assert card_text == (out / "README.md").read_text()
+    card = ModelCard(card_text)
+    assert {"hf_vsa", "vsa-trainer"} <= set(card.data.tags) and "## Trained with hf_vsa" in card.text

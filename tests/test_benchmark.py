@@ -1,0 +1,31 @@
+"""Smoke test of the benchmark on the real task in --quick mode: it runs, measures and reports."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def test_quick_benchmark_writes_measured_ratios(tmp_path):
+    out = tmp_path / "b.json"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "benchmark.py"), "--quick", "--configs", "trainer,default",
+                           "--out", str(out), "--workdir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step-time x" in done.stdout and "time-to-target" in done.stdout
+    data = json.loads(out.read_text())
+    (seed,) = data["seeds"]
+    trainer, default = seed["runs"]
+    assert len(trainer["step_wall"]) == len(default["step_wall"]) == 12
+    assert "PREDICT" in default["phase"] and set(trainer["phase"]) == {"FULL"}
+    row = seed["summary"]["rows"][1]
+    assert row["step_time_ratio"] > 0 and row["peak_rss_gb"] > 0
+    report = subprocess.run([sys.executable, str(SCRIPTS / "benchmark.py"), "--report", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert "| sentiment | default |" in report.stdout
+    png = tmp_path / "b.png"
+    plot = subprocess.run([sys.executable, str(SCRIPTS / "plot_benchmark.py"), str(out), "--out", str(png)],
+                          capture_output=True, text=True, timeout=120)
+    assert plot.returncode == 0, plot.stderr[-2000:]
+    assert png.read_bytes()[:4] == b"\x89PNG"
