@@ -69,23 +69,24 @@ def test_plot_is_copied_and_embedded(trained, tmp_path):
 
 
 def test_push_to_hub_uploads_the_card_unchanged(trained, monkeypatch):
-    """The hub client is replaced by a recorder (no network): what push_to_hub would upload is the
-    folder holding the card that create_model_card wrote."""
+    """push_to_hub through huggingface_hub's real client and HTTP, against a local hub endpoint."""
+    import huggingface_hub
     import transformers.trainer as trainer_module
+    from hub_server import start
     out, t = trained
-    uploads = []
-
-    class FakeHub:
-        def create_repo(self, repo_id, **kw):
-            return type("Url", (), {"repo_id": f"user/{repo_id}"})()
-
-        def upload_folder(self, repo_id, folder_path, **kw):
-            uploads.append((repo_id, (Path(folder_path) / "README.md").read_text()))
-
-    monkeypatch.setattr(trainer_module, "hf_api", lambda: FakeHub())
-    t.push_to_hub(commit_message="end of training")
-    (repo, card_text), = uploads
-    assert repo == f"user/{out.name}"
-    assert card_text == (out / "README.md").read_text()
-    card = ModelCard(card_text)
+    hub = start()
+    endpoint = f"http://127.0.0.1:{hub.server_port}"
+    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(trainer_module, "hf_api", lambda: huggingface_hub.HfApi(endpoint=endpoint))
+    try:
+        t.push_to_hub(commit_message="end of training")
+    finally:
+        hub.shutdown()
+    repo = f"user/{out.name}"
+    assert f"/api/models/{repo}/commit/main" in hub.requests
+    uploaded = hub.files[(repo, "README.md")].decode()
+    assert uploaded == (out / "README.md").read_text()
+    card = ModelCard(uploaded)
     assert {"hf_vsa", "vsa-trainer"} <= set(card.data.tags) and "## Trained with hf_vsa" in card.text
+    assert (repo, "model.safetensors") in hub.files
