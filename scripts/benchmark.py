@@ -83,6 +83,8 @@ TASKS = {
                      dict(steps=300, eval_every=20, batch=16, lr=1e-3, n_eval=64)),
     "smollm": (lambda a: smollm_task(n_eval=a.n_eval, seed=a.seed),
                dict(steps=60, eval_every=10, batch=4, lr=5e-5, n_eval=32)),
+    "smollm_lora": (lambda a: smollm_task(n_eval=a.n_eval, seed=a.seed, lora=True),
+                    dict(steps=60, eval_every=10, batch=4, lr=5e-4, n_eval=32)),
 }
 
 

