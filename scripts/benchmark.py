@@ -195,11 +195,14 @@ def print_spread(sp):
 def report(paths):
     """Markdown rows (one per task and config) from saved benchmark JSONs: mean [min, max] over seeds."""
     print("| task | config | step-time ratio | time to Trainer's final eval loss | final eval loss vs Trainer "
-          "| full-backward fraction | seeds |")
-    print("|---|---|---|---|---|---|---|")
+          "| full-backward fraction | peak RSS GB | seeds |")
+    print("|---|---|---|---|---|---|---|---|")
     for path in paths:
         d = json.load(open(path))
-        for name, v in d["spread"].items():
+        for i, (name, v) in enumerate(d["spread"].items()):
+            rss = [s["summary"]["rows"][i].get("peak_rss_gb") for s in d["seeds"]]
+            rss = "-" if None in rss else f"{sum(rss) / len(rss):.2f}"  # runs before it was recorded: -
+
             def f(key, fmt):
                 x = v[key]
                 return "not reached" if x["mean"] is None else (
@@ -209,7 +212,7 @@ def report(paths):
                 ttt += f" (reached {v['time_to_target_ratio']['reached']}/{v['time_to_target_ratio']['of']})"
             print(f"| {d['task']} | {name} | {f('step_time_ratio', lambda x: f'{x:.2f}x')} | {ttt} | "
                   f"{f('eval_loss_vs_trainer', lambda x: f'{x:+.1%}')} | {f('backward_fraction', lambda x: f'{x:.2f}')} "
-                  f"| {','.join(str(s['seed']) for s in d['seeds'])} |")
+                  f"| {rss} | {','.join(str(s['seed']) for s in d['seeds'])} |")
 
 
 def parse(argv):
