@@ -84,8 +84,8 @@ class VSATrainingArguments(TrainingArguments):
     )
     vsa_predict_forward: bool = field(
         default=False,
-        metadata={"help": "Run the forward pass (under no_grad) on PREDICT steps, so the logged loss is measured "
-                          "on every step. Off: the forward is skipped too, and the logged loss is the mean over "
+        metadata={"help": "With vsa_exact_fraction=0: run the forward pass (under no_grad) on PREDICT steps, so the "
+                          "logged loss is measured on every step (a partial backward always runs the forward). Off: the forward is skipped too, and the logged loss is the mean over "
                           "measured steps only."},
     )
     vsa_exact_fraction: float = field(

@@ -107,9 +107,11 @@ class VSAEngine:
         """Last micro-batch of a PREDICT step: the predicted gradient goes into .grad, on the
         scale the Trainer expects (times the fp16 loss scale when there is one). Tensors whose
         prediction is not trusted get no gradient, hence no update, this step."""
-        index = [i for i, keep in enumerate(self.predict_mask) if keep]
+        index = []
         for i, keep in enumerate(self.predict_mask):
-            if not keep:
+            if keep:
+                index.append(i)
+            else:
                 self.params[i].grad = None
         if not index:
             return
