@@ -14,7 +14,8 @@ from .controller import Phase
 
 STATE_FILE = "vsa_state.safetensors"
 # Settings whose change makes saved state meaningless.
-STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum")
+STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum", "vsa_compression",
+                  "vsa_history_window", "vsa_compression_block", "vsa_ternary_rounding", "vsa_bundle_size")
 _ENGINE_INTS = ("step", "corrections", "cycle_n", "log_n")
 _ENGINE_TENSORS = ("cosine", "cosine_sum", "tensor_cosine")
 # Measured-loss sums differ by rank (each rank sees its own data): saved as one row per rank.

@@ -3,6 +3,8 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
+from .compress import COMPRESSIONS, ROUNDINGS
+
 PREDICTORS = ("wls", "momentum")
 # Named settings. A preset sets the fields it names unless the user gave them another value.
 PRESETS = {
@@ -101,6 +103,35 @@ class VSATrainingArguments(TrainingArguments):
                           "is below this gets no update on PREDICT steps (grad=None) until it recovers. In [-1, 1]; "
                           "-1 predicts every tensor."},
     )
+    vsa_compression: str = field(
+        default="ternary",
+        metadata={"help": "How the predictor stores its gradient history: 'none' (fp32 running sums, 3x the "
+                          "predicted parameters' bytes), 'ternary' (a ring of the last vsa_history_window records, "
+                          "2 bits per element, block scales, error feedback) or 'vsa' (the ternary records bound to "
+                          "seeded random keys and bundled vsa_bundle_size to a superposition).",
+                  "choices": list(COMPRESSIONS)},
+    )
+    vsa_compression_block: int = field(
+        default=256,
+        metadata={"help": "Elements per block that share one fp32 scale in compressed records (a multiple of 4, >= 4)."},
+    )
+    vsa_ternary_rounding: str = field(
+        default="deterministic",
+        metadata={"help": "Rounding to {-1, 0, +1} of stored records: 'deterministic' (threshold 0.7*mean|x| per "
+                          "block) or 'stochastic' (unbiased, seeded by vsa_seed and the step).",
+                  "choices": list(ROUNDINGS)},
+    )
+    vsa_bundle_size: int = field(
+        default=4,
+        metadata={"help": "vsa compression: records bundled into one superposition, in [2, 7] (4-bit sums)."},
+    )
+    vsa_ternary_accumulation: bool = field(
+        default=False,
+        metadata={"help": "With gradient_accumulation_steps > 1: each micro-batch's gradient is stored as "
+                          "stochastically rounded ternary codes (2 bits per element, unbiased, seeded) as soon as "
+                          "backward produces it, instead of accumulating in the full-precision .grad; the sum is "
+                          "rebuilt once, in the optimizer step's last micro-batch."},
+    )
     vsa_reset_state_on_resume: bool = field(
         default=False,
         metadata={"help": "When resuming from a checkpoint without usable VSA state, start the VSA state from "
@@ -146,6 +177,14 @@ class VSATrainingArguments(TrainingArguments):
             raise ValueError(f"vsa_min_cosine must be in [-1, 1], got {self.vsa_min_cosine}")
         if self.vsa_predictor not in PREDICTORS:
             raise ValueError(f"vsa_predictor must be one of {PREDICTORS}, got {self.vsa_predictor!r}")
+        if self.vsa_compression not in COMPRESSIONS:
+            raise ValueError(f"vsa_compression must be one of {COMPRESSIONS}, got {self.vsa_compression!r}")
+        if self.vsa_compression_block < 4 or self.vsa_compression_block % 4:
+            raise ValueError(f"vsa_compression_block must be a multiple of 4 and >= 4, got {self.vsa_compression_block}")
+        if self.vsa_ternary_rounding not in ROUNDINGS:
+            raise ValueError(f"vsa_ternary_rounding must be one of {ROUNDINGS}, got {self.vsa_ternary_rounding!r}")
+        if not 2 <= self.vsa_bundle_size <= 7:
+            raise ValueError(f"vsa_bundle_size must be in [2, 7], got {self.vsa_bundle_size}")
         if not 0.0 <= self.vsa_momentum < 1.0:
             raise ValueError(f"vsa_momentum must be in [0, 1), got {self.vsa_momentum}")
         optim = str(getattr(self.optim, "value", self.optim)).lower()

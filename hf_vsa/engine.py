@@ -7,6 +7,7 @@ steps (residual and prediction quality) and at logging steps.
 import math
 import torch
 
+from .compress import TernaryAccumulator
 from .controller import Phase, PhaseController
 from .predictor import GradientPredictor
 
@@ -37,7 +38,14 @@ class VSAEngine:
             loss_threshold=args.vsa_loss_threshold, residual_threshold=args.vsa_residual_threshold)
         self.predictor = GradientPredictor(
             self.params, kind=args.vsa_predictor, decay=args.vsa_history_decay,
-            residual_decay=args.vsa_residual_decay, momentum=args.vsa_momentum)
+            residual_decay=args.vsa_residual_decay, momentum=args.vsa_momentum,
+            compression=args.vsa_compression, window=args.vsa_history_window, block=args.vsa_compression_block,
+            rounding=args.vsa_ternary_rounding, bundle=args.vsa_bundle_size, seed=args.vsa_seed)
+        self.accumulator = None  # ternary gradient accumulation (gradient_accumulation_steps > 1)
+        if args.vsa_ternary_accumulation and args.gradient_accumulation_steps > 1:
+            self.accumulator = TernaryAccumulator([*self.params, *self.exact_params], args.vsa_compression_block,
+                                                  args.vsa_seed)
+        self.micro_batch = 0  # micro-batches with a backward run so far in this optimizer step
         dev = self.params[0].device
         self.phase = None
         self.step = -1  # the optimizer step (Trainer's global_step) self.phase belongs to
@@ -57,6 +65,7 @@ class VSAEngine:
         """Phase of optimizer step `global_step`; decided once, whatever the micro-batch."""
         if global_step != self.step:
             self.step = global_step
+            self.micro_batch = 0
             self.phase = self.controller.next_phase(self._take_cycle_loss)
             self.phases.append(self.phase.name)
         return self.phase

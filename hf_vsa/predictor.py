@@ -13,12 +13,19 @@ and Cramer's rule gives the prediction at u as a0 * G0 + a1 * G1. Memory: 2x the
 (fp32), plus 1x for the residual, whatever the history length. The 'momentum' kind keeps one
 bias-corrected EMA buffer instead.
 
+With compression ('ternary' or 'vsa', see compress.py) the running sums are replaced by a ring of
+the last `window` records in compressed form (compressed sums would gather rounding error at every
+record); the same fit is solved over the ring's records, and the prediction is read back as one
+weighted sum of them. The residual is stored ternary too.
+
 Tensor work stays on the tensors' device; the only host read is the finiteness check when a
 gradient is recorded (a backprop step), marked below.
 """
 import logging
 
 import torch
+
+from .compress import CompressedHistory, dequantize, pack, packed_bytes, ternarize
 
 logger = logging.getLogger(__name__)
 KINDS = ("wls", "momentum")
@@ -44,20 +51,31 @@ def all_finite(tensors) -> torch.Tensor:
 class GradientPredictor:
     """record(grads, t), predict(t), correct(grads, t); state_dict() round-trips."""
 
-    def __init__(self, params, kind="wls", decay=0.95, residual_decay=0.5, momentum=0.9):
+    def __init__(self, params, kind="wls", decay=0.95, residual_decay=0.5, momentum=0.9,
+                 compression="none", window=8, block=256, rounding="deterministic", bundle=4, seed=0):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.params = list(params)
         if not self.params:
             raise ValueError("GradientPredictor needs at least one tensor to track")
         self.kind, self.decay, self.residual_decay, self.momentum = kind, decay, residual_decay, momentum
+        self.block, self.seed = block, seed
 
         def buffers():
             return [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in self.params]
 
-        self.g0 = buffers()
-        self.g1 = buffers() if kind == "wls" else []
-        self.residual = buffers() if residual_decay > 0 else []
+        self.history = None
+        self.g0, self.g1, self.residual, self.rcodes, self.rscales = [], [], [], [], []
+        if compression == "none":
+            self.g0 = buffers()
+            self.g1 = buffers() if kind == "wls" else []
+            self.residual = buffers() if residual_decay > 0 else []
+        else:
+            self.history = CompressedHistory(self.params, compression, window, block, rounding, bundle, seed)
+            if residual_decay > 0:
+                self.rcodes = [torch.zeros(packed_bytes(p.numel(), block), dtype=torch.uint8, device=p.device)
+                               for p in self.params]
+                self.rscales = [torch.zeros_like(s[0]) for s in self.history.scales]
         self.sw = self.st = self.stt = 0.0
         self.origin = 0
         self.last_t = -1  # newest record; -1: none yet
@@ -71,7 +89,9 @@ class GradientPredictor:
             self.skipped += 1
             logger.warning("hf_vsa: gradient at step %d has inf/nan; not recorded in the prediction history", t)
             return False
-        if self.kind == "momentum":
+        if self.history is not None:
+            self.history.push(grads, t)
+        elif self.kind == "momentum":
             torch._foreach_lerp_(self.g0, [g.to(b.dtype) for g, b in zip(grads, self.g0)], 1.0 - self.momentum)
             self.sw = self.sw * self.momentum + (1.0 - self.momentum)  # bias correction, 1 - momentum**n
         else:
@@ -105,6 +125,8 @@ class GradientPredictor:
         """The fit at step t without the residual, for the tensors in `index` (all: None);
         fresh fp32 (or wider) tensors."""
         pick = (lambda xs: xs) if index is None else (lambda xs: [xs[i] for i in index])
+        if self.history is not None:
+            return self.history.weighted_sum(self.ring_weights(t), index)
         if self.kind == "momentum":
             return torch._foreach_mul(pick(self.g0), 1.0 / self.sw if self.sw > 0 else 0.0)
         a0, a1 = wls_coefficients(self.sw, self.st, self.stt, float(t - self.origin))
@@ -113,26 +135,65 @@ class GradientPredictor:
             torch._foreach_add_(out, pick(self.g1), alpha=a1)
         return out
 
+    def ring_weights(self, t: int) -> dict:
+        """Compressed ring: {slot: weight} so that the prediction at t is sum_k weight_k * record_k
+        (the same fit as the running sums, over the records still in the ring)."""
+        filled = sorted(self.history.filled(), key=lambda kt: kt[1])
+        if not filled:
+            return {}
+        if self.kind == "momentum":  # EMA over the records, normalised (bias correction)
+            n = len(filled)
+            w = {k: (1 - self.momentum) * self.momentum ** (n - 1 - j) for j, (k, _) in enumerate(filled)}
+            total = sum(w.values())
+            return {k: v / total for k, v in w.items()}
+        newest = filled[-1][1]
+        c = {k: self.decay ** (newest - tk) for k, tk in filled}
+        u = {k: float(tk - newest) for k, tk in filled}
+        sw, st = sum(c.values()), sum(c[k] * u[k] for k in c)
+        stt = sum(c[k] * u[k] ** 2 for k in c)
+        a0, a1 = wls_coefficients(sw, st, stt, float(t - newest))
+        return {k: c[k] * (a0 + a1 * u[k]) for k in c}
+
     def _residual_weight(self, t):
-        return self.residual_decay ** (t - self.residual_t) if self.residual and self.residual_t >= 0 else 0.0
+        if self.residual_t < 0 or not (self.residual or self.rcodes):
+            return 0.0
+        return self.residual_decay ** (t - self.residual_t)
+
+    def _residuals(self, index=None):
+        idx = range(len(self.params)) if index is None else index
+        if self.history is None:
+            return [self.residual[i] for i in idx]
+        return [dequantize(self.rcodes[i], self.rscales[i], self.params[i].numel(), self.block)
+                .view_as(self.params[i]) for i in idx]
+
+    def _learn_residual(self, fresh, t):
+        if self.history is None:
+            self.residual = fresh
+        else:
+            for i, r in enumerate(fresh):
+                codes, scales = ternarize(r, self.block)
+                self.rcodes[i].copy_(pack(codes, 2))
+                self.rscales[i].copy_(scales)
+        self.residual_t = t
 
     def predict(self, t: int, index=None):
         out = self.predict_base(t, index)
         w = self._residual_weight(t)
         if w:
-            torch._foreach_add_(out, self.residual if index is None else [self.residual[i] for i in index], alpha=w)
+            torch._foreach_add_(out, self._residuals(index), alpha=w)
         return out
 
     def correct(self, grads, t: int):
         """At a CORRECT step: compare the prediction for t with the actual gradient, learn the
         residual (actual - fit), then record. Returns device tensors: (cosine, relative residual,
         per-tensor cosine), NaN where the gradient was not finite."""
-        actual = [g.to(b.dtype) for g, b in zip(grads, self.g0)]
+        actual = [g.to(torch.promote_types(p.dtype, torch.float32)) for g, p in zip(grads, self.params)]
         pred = self.predict_base(t)
-        fresh = torch._foreach_sub(actual, pred) if self.residual else None  # actual - fit
+        learn = self.residual_decay > 0
+        fresh = torch._foreach_sub(actual, pred) if learn else None  # actual - fit
         w = self._residual_weight(t)
         if w:
-            torch._foreach_add_(pred, self.residual, alpha=w)
+            torch._foreach_add_(pred, self._residuals(), alpha=w)
         diff = torch._foreach_sub(actual, pred)
         a2, p2, d2 = (torch.stack(torch._foreach_norm(x)).double() ** 2 for x in (actual, pred, diff))
         dots = (a2 + p2 - d2) / 2  # a.p from three norms: no extra full-size buffer
@@ -141,7 +202,7 @@ class GradientPredictor:
         rel_residual = d2.sum().sqrt() / a2.sum().sqrt().clamp_min(1e-30)
         if self.record(actual, t):
             if fresh is not None:
-                self.residual, self.residual_t = fresh, t
+                self._learn_residual(fresh, t)
             return cosine, rel_residual, per_tensor
         nan = torch.full_like(cosine, float("nan"))
         return nan, nan, torch.full_like(per_tensor, float("nan"))
@@ -149,11 +210,19 @@ class GradientPredictor:
     # ---- state -----------------------------------------------------------------------------
     _SCALARS = ("sw", "st", "stt", "origin", "last_t", "residual_t", "skipped")
 
+    _BUFFERS = ("g0", "g1", "residual", "rcodes", "rscales")
+
+    def _tensors(self) -> dict:
+        s = {f"{name}.{i}": x for name in self._BUFFERS for i, x in enumerate(getattr(self, name))}
+        if self.history is not None:
+            s.update(self.history.tensors())
+        return s
+
     def state_dict(self) -> dict:
         s = {k: getattr(self, k) for k in self._SCALARS}
-        for name in ("g0", "g1", "residual"):
-            for i, x in enumerate(getattr(self, name)):
-                s[f"{name}.{i}"] = x
+        if self.history is not None:
+            s["ring_times"], s["ring_next"] = list(self.history.times), self.history.next
+        s.update(self._tensors())
         return s
 
     def load_state_dict(self, state: dict):
@@ -161,12 +230,17 @@ class GradientPredictor:
         if set(state) != expected:
             raise KeyError(f"predictor state keys differ: missing {sorted(expected - set(state))[:5]}, "
                            f"unexpected {sorted(set(state) - expected)[:5]}")
-        for name in ("g0", "g1", "residual"):
-            for i, x in enumerate(getattr(self, name)):
-                v = state[f"{name}.{i}"]
-                if v.shape != x.shape or v.dtype != x.dtype:
-                    raise ValueError(f"predictor state {name}.{i}: expected {tuple(x.shape)} {x.dtype}, "
-                                     f"got {tuple(v.shape)} {v.dtype}")
-                x.copy_(v)
+        for key, x in self._tensors().items():
+            v = state[key]
+            if v.shape != x.shape or v.dtype != x.dtype:
+                raise ValueError(f"predictor state {key}: expected {tuple(x.shape)} {x.dtype}, "
+                                 f"got {tuple(v.shape)} {v.dtype}")
+            x.copy_(v)
         for k in self._SCALARS:
             setattr(self, k, type(getattr(self, k))(state[k]))
+        if self.history is not None:
+            times = [int(x) for x in state["ring_times"]]
+            if len(times) != self.history.window:
+                raise ValueError(f"predictor state ring_times has {len(times)} slots, the window is "
+                                 f"{self.history.window}")
+            self.history.times, self.history.next = times, int(state["ring_next"])

@@ -73,7 +73,7 @@ class VSATrainer(Trainer):
         phase = engine.begin_step(self.state.global_step)
         last = self.accelerator.sync_gradients  # last micro-batch of this optimizer step
         if phase.runs_backward:
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            loss = self._vsa_backprop(model, inputs, num_items_in_batch, last)
             engine.note_loss(loss, last)
             if last:
                 engine.after_backward(self._vsa_grad_scale())
@@ -84,7 +84,7 @@ class VSATrainer(Trainer):
                 # Under DDP the reducer would wait for the frozen tensors' gradients forever: keep
                 # this backward local and average only the exact tensors' gradients below.
                 with self._vsa_no_sync(model):
-                    loss = super().training_step(model, inputs, num_items_in_batch)
+                    loss = self._vsa_backprop(model, inputs, num_items_in_batch, last)
             finally:
                 engine.freeze_predicted(False)
             engine.note_loss(loss, last)
@@ -99,6 +99,17 @@ class VSATrainer(Trainer):
             loss = engine.last_loss
         if last:
             engine.write_prediction(self._vsa_grad_scale())
+        return loss
+
+    def _vsa_backprop(self, model, inputs, num_items_in_batch, last):
+        """The Trainer's forward + backward; with ternary accumulation, each micro-batch's
+        gradient is held in ternary until the last micro-batch rebuilds the sum."""
+        engine = self.vsa
+        if engine.accumulator is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        with engine.accumulator.micro_batch(engine.step, engine.micro_batch, last):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        engine.micro_batch += 1
         return loss
 
     # ---- multi-process ---------------------------------------------------------------------

@@ -112,10 +112,13 @@ def run_one(name, overrides, a):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     counts = trainer.vsa.controller.counts if cls is VSATrainer else {"FULL": len(clock.steps)}
     backward = len(clock.steps) - counts.get("PREDICT", 0)
+    vsa = trainer.vsa.stats() if cls is VSATrainer else {}
     return {"name": name, "overrides": overrides, "step_wall": clock.steps, "phase": phases,
             "train_loss": losses, "evals": clock.evals, "train_wall": clock.train_time,
             "final_eval_loss": clock.evals[-1]["eval_loss"], "backward_fraction": backward / len(clock.steps),
             "peak_rss_bytes": clock.peak_rss,
+            "prediction_cosine_mean": vsa.get("vsa/prediction_cosine_mean"),
+            "state_memory_ratio": vsa.get("vsa/state_memory_ratio"),
             "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
 
 
@@ -150,6 +153,8 @@ def summarize(runs):
             "backward_fraction": r["backward_fraction"],
             "train_wall": r["train_wall"],
             "peak_rss_gb": r["peak_rss_bytes"] / 2**30,
+            "prediction_cosine_mean": r.get("prediction_cosine_mean"),
+            "state_memory_ratio": r.get("state_memory_ratio"),
             "cuda_max_allocated_gb": None if r["cuda_max_allocated_bytes"] is None else r["cuda_max_allocated_bytes"] / 2**30,
         })
     return {"target_eval_loss": target, "rows": rows}

@@ -36,7 +36,10 @@ def losses(t, start=0):
 
 
 VARIANTS = {"accum1": dict(gradient_accumulation_steps=1), "accum2": dict(gradient_accumulation_steps=2),
-            "partial_gated": dict(gradient_accumulation_steps=1, vsa_exact_fraction=0.3, vsa_min_cosine=0.0)}
+            "partial_gated": dict(gradient_accumulation_steps=1, vsa_exact_fraction=0.3, vsa_min_cosine=0.0),
+            "uncompressed": dict(vsa_compression="none"),
+            "vsa_stochastic_accum": dict(gradient_accumulation_steps=2, vsa_compression="vsa", vsa_bundle_size=2,
+                                         vsa_ternary_rounding="stochastic", vsa_ternary_accumulation=True)}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -80,7 +83,8 @@ def test_saved_file_is_tensors_plus_plain_metadata(straight):
         assert info["controller"]["step"] == 8 and info["settings"]["vsa_predictor"] == "wls"
         names = list(f.keys())
         assert all(isinstance(f.get_tensor(k), torch.Tensor) for k in names)
-    assert any(k.startswith("predictor/g0.bert.embeddings.word_embeddings.weight") for k in names)
+    kind = "g0" if info["settings"]["vsa_compression"] == "none" else "codes"
+    assert any(k.startswith(f"predictor/{kind}.bert.embeddings.word_embeddings.weight") for k in names)
     assert not list(out.glob("checkpoint-*/*.tmp"))
 
 
@@ -135,16 +139,16 @@ def _rewrite(path, edit):
 
 
 def test_wrong_shape_is_refused(tmp_path, checkpoint):
-    key = "predictor/g0.bert.embeddings.word_embeddings.weight"
-    _rewrite(checkpoint / ckpt.STATE_FILE, lambda t: t.__setitem__(key, torch.zeros(3, 32)))
+    key = "predictor/codes.bert.embeddings.word_embeddings.weight"
+    _rewrite(checkpoint / ckpt.STATE_FILE, lambda t: t.__setitem__(key, torch.zeros(3, 32, dtype=torch.uint8)))
     _, go = resume_error(tmp_path, checkpoint)
-    with pytest.raises(ValueError, match=r"g0.bert.embeddings.word_embeddings.weight is \(3, 32\)"):
+    with pytest.raises(ValueError, match=r"codes.bert.embeddings.word_embeddings.weight is \(3, 32\)"):
         go()
 
 
 def test_wrong_parameter_name_is_refused(tmp_path, checkpoint):
-    key = "predictor/g0.bert.embeddings.word_embeddings.weight"
-    _rewrite(checkpoint / ckpt.STATE_FILE, lambda t: t.__setitem__("predictor/g0.head.weight", t.pop(key)))
+    key = "predictor/codes.bert.embeddings.word_embeddings.weight"
+    _rewrite(checkpoint / ckpt.STATE_FILE, lambda t: t.__setitem__("predictor/codes.head.weight", t.pop(key)))
     _, go = resume_error(tmp_path, checkpoint)
     with pytest.raises(ValueError, match="missing.*word_embeddings.weight.*unexpected.*head.weight"):
         go()

@@ -1,0 +1,279 @@
+"""Compressed gradient history: ternary codes with per-block scales, optionally bundled (VSA).
+
+Pure tensor functions on the tensors' own device, plus `CompressedHistory`, a ring of the last
+`window` gradients per tensor that the predictor reads back as a weighted sum.
+
+- ternary: each gradient is cut into blocks of `block` elements; each element becomes a code in
+  {-1, 0, +1} and each block one fp32 scale. Deterministic rounding is the ternary-weight-network
+  rule (threshold 0.7 * mean|x|, scale = mean |x| above it); stochastic rounding is unbiased
+  (scale = max|x|, P(code = sign x) = |x| / scale), drawn from a generator seeded by
+  (seed, step, tensor), so it is reproducible and needs no generator state in checkpoints.
+  Codes are packed 4 per byte.
+- vsa: ternary codes are bound to seeded random +-1 keys (one key per tensor and slot, made in
+  blocks from a local torch.Generator, never stored) and `bundle` consecutive records are summed
+  into one superposition, an integer in [-bundle, bundle] packed 2 per byte. Unbinding (multiply
+  by the key again) returns each record plus crosstalk from the others in its bundle.
+
+Error feedback: what rounding lost from a record is carried into the next one (kept as int8 with
+a block scale), so the stored records sum to the true ones minus only the newest error, which the
+read-back adds back. Without it the same rounding error of similar consecutive gradients adds up
+in the weighted sum instead of cancelling.
+
+Bytes per element: ternary window/4, vsa window/(2*bundle); plus 1 (error) and 4*window/block
+(scales).
+"""
+import torch
+
+COMPRESSIONS = ("none", "ternary", "vsa")
+ROUNDINGS = ("deterministic", "stochastic")
+_KEY_CHUNK = 1 << 20  # keys are generated this many elements at a time
+
+_luts = {}
+
+
+def _lut(device, bits):
+    """byte -> its 8/bits signed fields as float32 (2 bits: code-1 in {-1,0,1}; 4 bits: field-8)."""
+    key = (str(device), bits)
+    if key not in _luts:
+        b = torch.arange(256, dtype=torch.int32)
+        per, mask, off = 8 // bits, (1 << bits) - 1, 1 if bits == 2 else 8
+        _luts[key] = torch.stack([((b >> (bits * k)) & mask) - off for k in range(per)], 1).float().to(device)
+    return _luts[key]
+
+
+def blocks_of(numel: int, block: int) -> int:
+    return -(-numel // block)
+
+
+def packed_bytes(numel: int, block: int, bits: int = 2) -> int:
+    """Bytes of one packed record (codes only) for a tensor of `numel` elements."""
+    return blocks_of(numel, block) * block * bits // 8
+
+
+def _blocked(x, block):
+    """Flat fp32 view of x padded with zeros to whole blocks: [blocks, block] (a view when it can be)."""
+    flat = x.reshape(-1).float()
+    pad = blocks_of(flat.numel(), block) * block - flat.numel()
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, block)
+
+
+def ternarize(x, block, generator=None):
+    """x -> (codes fp32 [blocks, block] in {-1,0,1}, scales fp32 [blocks]); the dequantized value
+    is codes * scales[:, None]. generator None: deterministic; else unbiased stochastic rounding.
+    (Written for few passes over memory: on CPU each pass costs as much as the arithmetic.)"""
+    xb = _blocked(x, block)
+    a = xb.abs()
+    if generator is None:
+        codes = torch.sign(xb).mul_(a > a.mean(1, keepdim=True).mul_(0.7))
+        kept = torch.count_nonzero(codes, dim=1).clamp_min_(1)
+        scales = torch.linalg.vecdot(xb, codes).div_(kept)  # mean |x| over the kept elements
+    else:
+        scales = a.amax(1)
+        u = torch.rand(xb.shape, generator=generator, device=xb.device)
+        codes = torch.sign(xb).mul_(u.mul_(scales[:, None]) < a)
+    return codes, scales
+
+
+def int8_quantize(xb, bound):
+    """[blocks, block] fp32 -> (int8 flat, fp32 [blocks]), round to nearest, given per-block
+    bounds on |x| (saves a pass over x)."""
+    scales = (bound / 127).clamp_min_(1e-30)
+    q = (xb / scales[:, None]).round_().to(torch.int8)
+    return q.reshape(-1), scales
+
+
+def pack(values, bits=2):
+    """Signed fields (2 bits: {-1,0,1}; 4 bits: [-7,7]; any dtype) -> uint8, 8/bits per byte."""
+    per, off, mask = 8 // bits, 1 if bits == 2 else 8, (1 << bits) - 1
+    v = ((values.reshape(-1, per).to(torch.int8).view(torch.uint8) + off) & mask)
+    out = v[:, 0].clone()
+    for k in range(1, per):
+        out |= v[:, k] << (bits * k)
+    return out
+
+
+def unpack(packed, bits=2):
+    """uint8 -> float32 fields, flat (inverse of pack)."""
+    return torch.nn.functional.embedding(packed.int(), _lut(packed.device, bits)).reshape(-1)
+
+
+def dequantize(packed, scales, numel, block, bits=2):
+    return (unpack(packed, bits).view(-1, block) * scales[:, None]).reshape(-1)[:numel]
+
+
+def key_signs(numel, block, seed, device):
+    """Seeded +-1 key (float32, padded to whole blocks), generated _KEY_CHUNK elements at a time."""
+    n = blocks_of(numel, block) * block
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    out = torch.empty(n, device=device)
+    for s in range(0, n, _KEY_CHUNK):
+        m = min(_KEY_CHUNK, n - s)
+        out[s:s + m] = torch.randint(0, 2, (m,), generator=gen, device=device, dtype=torch.int8) * 2 - 1
+    return out
+
+
+def mix_seed(*parts) -> int:
+    """A 63-bit seed from integers, stable across runs and machines (no hash())."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+class CompressedHistory:
+    """The last `window` records of each tensor in compressed form, read back as a weighted sum.
+
+    State: per tensor a uint8 code buffer [storage slots, bytes] and fp32 scales [window, blocks];
+    on the host, the step of each slot (-1: empty)."""
+
+    def __init__(self, params, kind="ternary", window=8, block=256, rounding="deterministic", bundle=4, seed=0):
+        if kind not in COMPRESSIONS[1:]:
+            raise ValueError(f"compression kind must be one of {COMPRESSIONS[1:]}, got {kind!r}")
+        self.params = list(params)
+        self.kind, self.window, self.block, self.rounding, self.seed = kind, window, block, rounding, seed
+        self.bundle = min(bundle, window) if kind == "vsa" else 1
+        self.bits = 4 if kind == "vsa" else 2
+        slots = -(-window // self.bundle)
+        dev = self.params[0].device
+        self.codes = [torch.zeros(slots, packed_bytes(p.numel(), block, self.bits), dtype=torch.uint8, device=dev)
+                      for p in self.params]
+        self.scales = [torch.zeros(window, blocks_of(p.numel(), block), device=dev) for p in self.params]
+        self.error = [torch.zeros(blocks_of(p.numel(), block) * block, dtype=torch.int8, device=dev)
+                      for p in self.params]
+        self.error_scales = [torch.zeros(blocks_of(p.numel(), block), device=dev) for p in self.params]
+        self.times = [-1] * window
+        self.next = 0  # the slot the next record goes to
+
+    def _generator(self, *parts):
+        gen = torch.Generator(device=self.params[0].device)
+        gen.manual_seed(mix_seed(self.seed, *parts))
+        return gen
+
+    def _key(self, i, slot):
+        return key_signs(self.params[i].numel(), self.block, mix_seed(self.seed, 1, i, slot % self.bundle),
+                         self.params[i].device)
+
+    def push(self, grads, t: int):
+        """Store the gradients of step t in the oldest slot (for vsa: a new bundle drops the oldest
+        whole bundle)."""
+        k = self.next
+        b, first = divmod(k, self.bundle)[0], k % self.bundle == 0
+        if first:  # the slots of the bundle being overwritten are gone
+            for j in range(b * self.bundle, min((b + 1) * self.bundle, self.window)):
+                self.times[j] = -1
+        for i, g in enumerate(grads):
+            gen = None if self.rounding == "deterministic" else self._generator(0, t, i)
+            x = torch.addcmul(_blocked(g, self.block), self.error[i].view(-1, self.block),
+                              self.error_scales[i][:, None])  # error feedback: carry what rounding lost
+            codes, scales = ternarize(x, self.block, gen)
+            self.scales[i][k] = scales
+            # |x - code * scale| <= max |x| of the block, for both roundings
+            self.error[i], self.error_scales[i] = int8_quantize(
+                torch.addcmul(x, codes, scales[:, None], value=-1), x.abs().amax(1))
+            if self.kind == "ternary":
+                self.codes[i][k] = pack(codes, 2)
+            else:
+                bound = codes.reshape(-1) * self._key(i, k)
+                total = bound if first else unpack(self.codes[i][b], 4) + bound
+                self.codes[i][b] = pack(total.to(torch.int8), 4)
+        self.times[k] = t
+        self.next = (k + 1) % self.window
+
+    def _error(self, i):
+        return self.error[i].view(-1, self.block).float() * self.error_scales[i][:, None]
+
+    def filled(self):
+        return [(k, t) for k, t in enumerate(self.times) if t >= 0]
+
+    def weighted_sum(self, weights, index=None):
+        """sum_k weights[k] * record_k for the tensors in `index` (all: None); weights by slot,
+        host floats. Fresh fp32 tensors shaped like the parameters."""
+        out = []
+        for i in range(len(self.params)) if index is None else index:
+            p = self.params[i]
+            acc = torch.zeros(blocks_of(p.numel(), self.block), self.block, device=p.device)
+            newest = (self.next - 1) % self.window
+            if weights.get(newest):  # the newest record's rounding error, not yet carried anywhere
+                acc.add_(self._error(i), alpha=weights[newest])
+            for k, w in weights.items():
+                if not w:
+                    continue
+                vals = unpack(self.codes[i][k // self.bundle], self.bits).view(-1, self.block)
+                if self.kind == "vsa":
+                    vals = vals * self._key(i, k).view(-1, self.block)
+                acc.addcmul_(vals, self.scales[i][k][:, None], value=w)
+            out.append(acc.reshape(-1)[:p.numel()].view_as(p))
+        return out
+
+    # ---- state -----------------------------------------------------------------------------
+    def tensors(self) -> dict:
+        s = {}
+        for name in ("codes", "scales", "error", "error_scales"):
+            for i, x in enumerate(getattr(self, name)):
+                s[f"{name}.{i}"] = x
+        return s
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in self.tensors().values())
+
+
+class TernaryAccumulator:
+    """Gradient accumulation in ternary: while a micro-batch's backward runs, each parameter's
+    fresh gradient is replaced, the moment autograd finishes it, by stochastically rounded ternary
+    codes (unbiased, 2 bits per element plus block scales, seeded by (seed, step, micro-batch,
+    tensor)), so no full-precision .grad lives between micro-batches. In the last micro-batch the
+    stored codes are added back into each .grad as it is produced, so the optimizer sees
+    sum_k g_k + error with E[error] = 0 and, per block of scale s (max |g| of that block),
+    E[error^2] = sum |g| (s - |g|) over the rounded micro-batches' elements."""
+
+    def __init__(self, params, block=256, seed=0):
+        self.params, self.block, self.seed = list(params), block, seed
+        self.entries = [[] for _ in self.params]  # per tensor: [(packed codes, scales)]
+
+    def _compress(self, i, step, micro):
+        p = self.params[i]
+        gen = torch.Generator(device=p.device)
+        gen.manual_seed(mix_seed(self.seed, 2, step, micro, i))
+        codes, scales = ternarize(p.grad, self.block, gen)
+        self.entries[i].append((pack(codes, 2), scales))
+        p.grad = None  # the full-precision gradient is not kept
+
+    def _restore(self, i):
+        p = self.params[i]
+        if not self.entries[i]:
+            return
+        total = sum(dequantize(c, s, p.numel(), self.block) for c, s in self.entries[i]).view_as(p).to(p.dtype)
+        self.entries[i].clear()
+        if p.grad is None:
+            p.grad = total
+        else:
+            p.grad.add_(total)
+
+    def micro_batch(self, step, micro, last):
+        """Context manager around one micro-batch's forward+backward."""
+        acc = self
+
+        class _Hooks:
+            def __enter__(self):
+                def hook(i):
+                    if last:
+                        return lambda p: acc._restore(i)
+                    return lambda p: acc._compress(i, step, micro)
+                self.handles = [p.register_post_accumulate_grad_hook(hook(i))
+                                for i, p in enumerate(acc.params) if p.requires_grad]
+                return self
+
+            def __exit__(self, *exc):
+                for h in self.handles:
+                    h.remove()
+                if last:  # tensors that got no gradient in the last micro-batch
+                    for i in range(len(acc.params)):
+                        acc._restore(i)
+                return False
+        return _Hooks()
+
+    def nbytes(self) -> int:
+        return sum(c.numel() + s.numel() * 4 for e in self.entries for c, s in e)
