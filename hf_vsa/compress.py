@@ -274,6 +274,3 @@ class TernaryAccumulator:
                         acc._restore(i)
                 return False
         return _Hooks()
-
-    def nbytes(self) -> int:
-        return sum(c.numel() + s.numel() * 4 for e in self.entries for c, s in e)

@@ -23,6 +23,9 @@ from tasks import sentiment_task, tiny_dataset, tiny_model
 
 MODES = {
     "default": {},
+    # gradient accumulation 2 with micro-batch gradients held in ternary between micro-batches
+    "ternary_accumulation": dict(vsa_exact_fraction=0.3, vsa_min_cosine=0.0, gradient_accumulation_steps=2,
+                                 vsa_ternary_accumulation=True),
     "no_backward": dict(vsa_exact_fraction=0.0, vsa_min_cosine=-1.0),
     "partial": dict(vsa_exact_fraction=0.3, vsa_min_cosine=0.0),
 }

@@ -31,3 +31,30 @@ def test_state_on_cuda_and_the_prediction_path_never_syncs(tmp_path, monkeypatch
     t.train()
     assert all(b.is_cuda for b in t.vsa.predictor.g0)
     assert len(calls) == t.vsa.phases.count("PREDICT") > 0
+
+
+@pytest.mark.parametrize("kind", ["ternary", "vsa"])
+def test_compressed_history_on_cuda_is_seeded_and_syncs_nowhere(kind):
+    from hf_vsa.compress import CompressedHistory
+    torch.manual_seed(0)
+    grads = [torch.randn(1000, 300), torch.randn(77)]
+
+    def run(device):
+        h = CompressedHistory([g.to(device) for g in grads], kind, window=4, block=256, seed=3)
+        torch.cuda.set_sync_debug_mode("error" if device == "cuda" else 0)
+        try:
+            for t in range(6):
+                h.push([g.to(device) * (t + 1) for g in grads], t)
+            out = h.weighted_sum({0: 0.5, 1: 0.5})
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert all(x.device.type == device for x in (*h.tensors().values(), *out))
+        return h.tensors(), out
+
+    a, out_a = run("cuda")
+    b, _ = run("cuda")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same device: the same codes
+    if kind == "ternary":  # deterministic rounding draws nothing: CPU and CUDA agree
+        c, out_c = run("cpu")
+        for x, y in zip(out_a, out_c):  # elements at a threshold may round apart: nearly equal
+            assert torch.nn.functional.cosine_similarity(x.cpu().reshape(-1), y.reshape(-1), 0) > 0.999

@@ -37,8 +37,10 @@ def same_files(out, name):
     return a
 
 
-@pytest.mark.parametrize("mode", ["no_backward", "partial"])
+@pytest.mark.parametrize("mode", ["no_backward", "partial", "ternary_accumulation"])
 def test_ranks_stay_identical_and_predict_steps_skip_ddp_all_reduce(tmp_path, mode):
+    # ternary_accumulation: each rank holds its own micro-batch codes; they must be back in .grad
+    # before DDP averages it, or the ranks' weights would part.
     r0, r1 = launch(tmp_path, mode)
     assert r0["world"] == 2
     assert r0["phases"] == r1["phases"] and "PREDICT" in r0["phases"]
