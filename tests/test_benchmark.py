@@ -29,3 +29,20 @@ def test_quick_benchmark_writes_measured_ratios(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert plot.returncode == 0, plot.stderr[-2000:]
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quick_memory_benchmark_measures_every_kind_against_none(tmp_path):
+    out = tmp_path / "m.json"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_memory.py"), "--quick", "--seeds", "0",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (model,) = data["models"]
+    rows = {r["kind"]: r for r in model["rows"]}
+    assert set(rows) == {"none", "ternary", "vsa"}
+    assert rows["none"]["state_ratio"] > rows["ternary"]["state_ratio"] > rows["vsa"]["state_ratio"]
+    assert rows["none"]["fit_cosine_vs_none"] > 0.999
+    assert all(r["compress_gbs"] > 0 and -1 <= r["predicted_vs_actual_cosine"] <= 1 for r in rows.values())
+    train = {r["kind"]: r for r in data["training"]}
+    assert set(train) == {"none", "ternary", "vsa"} and train["none"]["eval_vs_none"] == 0
+    assert train["ternary"]["state_ratio"] < train["none"]["state_ratio"]
