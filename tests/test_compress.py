@@ -248,3 +248,37 @@ def test_trainer_with_ternary_accumulation_is_deterministic_and_close_to_exact(t
     assert a.shape == b.shape
     assert torch.nn.functional.cosine_similarity(a, b, 0) > 0.5
     assert not torch.equal(a, b)
+
+
+def test_ternary_accumulation_is_in_the_gradient_ddp_averages(tmp_path):
+    # DDP reads each gradient in a hook that runs after ours: the restored earlier micro-batches
+    # must already be in .grad then, or DDP would average (and write back) the last one alone.
+    # One process is enough to tell: DDP still copies its bucket back into .grad.
+    import socket
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        batches = [make_dataset(8, seed=s)[:8] for s in (0, 1)]
+
+        def run(wrap):
+            torch.manual_seed(0)
+            model = make_model()
+            net = DDP(model) if wrap else model
+            params = [p for p in model.parameters() if p.requires_grad]
+            acc = TernaryAccumulator(params, block=BLOCK, seed=4)
+            for k, b in enumerate(batches):
+                last = k == 1
+                ctx = net.no_sync() if wrap and not last else torch.enable_grad()
+                with ctx, acc.micro_batch(step=0, micro=k, last=last):
+                    net(**{n: torch.tensor(b[n]) for n in ("input_ids", "attention_mask", "labels")}).loss.backward()
+            return [p.grad.clone() for p in params]
+
+        plain, ddp = run(False), run(True)
+        for a, b in zip(plain, ddp):
+            torch.testing.assert_close(a, b)
+    finally:
+        dist.destroy_process_group()
