@@ -53,7 +53,8 @@ class VSATrainingArguments(TrainingArguments):
     vsa_history_window: int = field(
         default=8,
         metadata={"help": "Recorded gradients the predictor needs before it predicts (>= 2: a line needs two "
-                          "points). History is kept as running sums, so memory does not grow with it."},
+                          "points). With vsa_compression='none' the history is kept as running sums, so memory "
+                          "does not grow with it; with compression it is the number of compressed records kept."},
     )
     vsa_residual_decay: float = field(
         default=0.5,
