@@ -105,7 +105,7 @@ class VSATrainingArguments(TrainingArguments):
                           "-1 predicts every tensor."},
     )
     vsa_compression: str = field(
-        default="ternary",
+        default="vsa",
         metadata={"help": "How the predictor stores its gradient history: 'none' (fp32 running sums, 3x the "
                           "predicted parameters' bytes), 'ternary' (a ring of the last vsa_history_window records, "
                           "2 bits per element, block scales, error feedback) or 'vsa' (the ternary records bound to "
