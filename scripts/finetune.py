@@ -91,6 +91,9 @@ def main(argv=None):
     print(f"train wall time        {wall:.1f} s (includes {args.eval_steps and steps // args.eval_steps} evaluations)")
     print(f"final eval loss        {metrics['eval_loss']:.4f}")
     print(f"final eval accuracy    {metrics['eval_accuracy']:.4f}")
+    if not script.baseline and args.vsa_enabled:
+        print(f"VSA state memory       {trainer.vsa.state_memory_ratio():.2f}x the trainable parameters' fp32 bytes "
+              f"(vsa_compression={args.vsa_compression})")
     return metrics
 
 
