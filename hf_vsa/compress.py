@@ -94,6 +94,12 @@ def pack(values, bits=2):
     return out
 
 
+def ternary_pack(x, block, generator=None):
+    """x -> (packed 2-bit codes uint8, fp32 block scales): ternarize, then pack."""
+    codes, scales = ternarize(x, block, generator)
+    return pack(codes, 2), scales
+
+
 def unpack(packed, bits=2):
     """uint8 -> float32 fields, flat (inverse of pack)."""
     return torch.nn.functional.embedding(packed.int(), _lut(packed.device, bits)).reshape(-1)
@@ -237,8 +243,7 @@ class TernaryAccumulator:
         p = self.params[i]
         gen = torch.Generator(device=p.device)
         gen.manual_seed(mix_seed(self.seed, 2, step, micro, i))
-        codes, scales = ternarize(p.grad, self.block, gen)
-        self.entries[i].append((pack(codes, 2), scales))
+        self.entries[i].append(ternary_pack(p.grad, self.block, gen))
         p.grad = None  # the full-precision gradient is not kept
 
     def _restore(self, i):

@@ -25,7 +25,7 @@ import logging
 
 import torch
 
-from .compress import CompressedHistory, dequantize, pack, packed_bytes, ternarize
+from .compress import CompressedHistory, dequantize, packed_bytes, ternary_pack
 
 logger = logging.getLogger(__name__)
 KINDS = ("wls", "momentum")
@@ -59,7 +59,7 @@ class GradientPredictor:
         if not self.params:
             raise ValueError("GradientPredictor needs at least one tensor to track")
         self.kind, self.decay, self.residual_decay, self.momentum = kind, decay, residual_decay, momentum
-        self.block, self.seed = block, seed
+        self.block = block
 
         def buffers():
             return [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in self.params]
@@ -171,8 +171,8 @@ class GradientPredictor:
             self.residual = fresh
         else:
             for i, r in enumerate(fresh):
-                codes, scales = ternarize(r, self.block)
-                self.rcodes[i].copy_(pack(codes, 2))
+                codes, scales = ternary_pack(r, self.block)
+                self.rcodes[i].copy_(codes)
                 self.rscales[i].copy_(scales)
         self.residual_t = t
 
