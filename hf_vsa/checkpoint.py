@@ -17,7 +17,7 @@ STATE_FILE = "vsa_state.safetensors"
 STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum", "vsa_compression",
                   "vsa_history_window", "vsa_compression_block", "vsa_ternary_rounding", "vsa_bundle_size")
 _ENGINE_INTS = ("step", "corrections", "cycle_n", "log_n")
-_ENGINE_TENSORS = ("cosine", "cosine_sum", "tensor_cosine")
+_ENGINE_TENSORS = ("cosine", "cosine_sum", "tensor_cosine", "tensor_trust")
 # Measured-loss sums differ by rank (each rank sees its own data): saved as one row per rank.
 RANK_LOCAL = ("cycle_loss", "log_loss", "last_loss")
 

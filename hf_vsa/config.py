@@ -6,12 +6,13 @@ from transformers import TrainingArguments
 from .compress import COMPRESSIONS, ROUNDINGS
 
 PREDICTORS = ("wls", "momentum")
+TRUSTS = ("fitted", "none")
 # Named settings. A preset sets the fields it names unless the user gave them another value.
 PRESETS = {
     # The method as first sketched (vsa-optim-rs): WLS baseline + velocity, fixed schedule.
     "sketch": dict(vsa_predictor="wls", vsa_warmup_steps=10, vsa_full_steps=5, vsa_predict_steps=20,
                    vsa_correct_every=5, vsa_adaptive_phases=False, vsa_predict_forward=False,
-                   vsa_exact_fraction=0.0, vsa_min_cosine=-1.0),
+                   vsa_exact_fraction=0.0, vsa_min_cosine=-1.0, vsa_trust="none"),
 }
 # Optimizers that update parameters inside backward: with no backward there is no update at
 # all, and a gradient written into .grad is never read.
@@ -104,6 +105,15 @@ class VSATrainingArguments(TrainingArguments):
                           "is below this gets no update on PREDICT steps (grad=None) until it recovers. In [-1, 1]; "
                           "-1 predicts every tensor."},
     )
+    vsa_trust: str = field(
+        default="fitted",
+        metadata={"help": "Size of a predicted update. 'fitted': each predicted tensor's gradient is multiplied by "
+                          "its trust factor, the least-squares scale <g, p> / |p|^2 of prediction p against the actual "
+                          "gradient g measured at CORRECT steps (running mean, clipped to [0, 1]), so a prediction "
+                          "that explains little of the gradient moves the weights little. 'none': predictions are "
+                          "written unscaled.",
+                  "choices": list(TRUSTS)},
+    )
     vsa_compression: str = field(
         default="vsa",
         metadata={"help": "How the predictor stores its gradient history: 'none' (fp32 running sums, 3x the "
@@ -178,6 +188,8 @@ class VSATrainingArguments(TrainingArguments):
             raise ValueError(f"vsa_min_cosine must be in [-1, 1], got {self.vsa_min_cosine}")
         if self.vsa_predictor not in PREDICTORS:
             raise ValueError(f"vsa_predictor must be one of {PREDICTORS}, got {self.vsa_predictor!r}")
+        if self.vsa_trust not in TRUSTS:
+            raise ValueError(f"vsa_trust must be one of {TRUSTS}, got {self.vsa_trust!r}")
         if self.vsa_compression not in COMPRESSIONS:
             raise ValueError(f"vsa_compression must be one of {COMPRESSIONS}, got {self.vsa_compression!r}")
         if self.vsa_compression_block < 4 or self.vsa_compression_block % 4:

@@ -27,6 +27,7 @@ class VSAEngine:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.predict_mask = [True] * len(self.params)  # host copy, refreshed at CORRECT steps only
+        self.trust = [1.0] * len(self.params)  # host copy of the trust factors, likewise
         self.args = args
         # Averages a device tensor over processes, so every rank takes the same decision.
         self.reduce_mean = reduce_mean or (lambda t: t)
@@ -54,6 +55,7 @@ class VSAEngine:
         self.cosine_sum = torch.zeros((), dtype=torch.float64, device=dev)
         self.corrections = 0
         self.tensor_cosine = torch.zeros(len(self.params), dtype=torch.float64, device=dev)  # running mean
+        self.tensor_trust = torch.zeros(len(self.params), dtype=torch.float64, device=dev)  # running mean
         self.last_loss = torch.zeros((), device=dev)  # last measured micro-batch loss
         self.cycle_loss, self.cycle_n = torch.zeros((), device=dev), 0
         self.log_loss, self.log_n = torch.zeros((), device=dev), 0
@@ -99,16 +101,17 @@ class VSAEngine:
         """Last micro-batch of a backprop step: record the accumulated, synchronised gradient."""
         grads = self._grads(None if grad_scale is None else 1.0 / grad_scale)
         if self.phase is Phase.CORRECT:
-            cosine, rel_residual, per_tensor = self.predictor.correct(grads, self.step)
+            cosine, rel_residual, per_tensor, trust = self.predictor.correct(grads, self.step)
             self.cosine = cosine
             self.cosine_sum += torch.nan_to_num(cosine)
             self.corrections += 1
             w = 1.0 / min(self.corrections, 4)  # running mean over the last few corrections
             self.tensor_cosine += w * (torch.nan_to_num(per_tensor) - self.tensor_cosine)
-            # host sync: once per CORRECT step (a backprop step), for the two decisions below
-            rel, *tensor_cos = torch.cat([rel_residual.reshape(1), self.tensor_cosine]).tolist()
+            self.tensor_trust += w * (torch.nan_to_num(trust) - self.tensor_trust)
+            # host sync: once per CORRECT step (a backprop step), for the decisions below
+            rel, *per = torch.cat([rel_residual.reshape(1), self.tensor_cosine, self.tensor_trust]).tolist()
             self.controller.report_residual(rel)
-            self.refresh_mask(tensor_cos)
+            self.refresh_mask(per)
         else:
             self.predictor.record(grads, self.step)
 
@@ -125,6 +128,8 @@ class VSAEngine:
         if not index:
             return
         pred = self.predictor.predict(self.step, index)
+        if self.args.vsa_trust == "fitted":
+            torch._foreach_mul_(pred, [self.trust[i] for i in index])
         if grad_scale is not None:
             torch._foreach_mul_(pred, grad_scale.float())
         for i, g in zip(index, pred):
@@ -135,14 +140,17 @@ class VSAEngine:
             else:
                 p.grad.copy_(g)
 
-    def refresh_mask(self, tensor_cos=None):
-        """Which tensors get their prediction, from the running per-tensor cosines."""
-        if self.args.vsa_min_cosine <= -1.0 or self.corrections == 0:
-            self.predict_mask = [True] * len(self.params)
+    def refresh_mask(self, per=None):
+        """Which tensors get their prediction and with what trust factor, from the running
+        per-tensor cosines and trust factors (`per`: both lists, concatenated)."""
+        n = len(self.params)
+        if self.corrections == 0:
+            self.predict_mask, self.trust = [True] * n, [1.0] * n
             return
-        if tensor_cos is None:
-            tensor_cos = self.tensor_cosine.tolist()  # host sync: only when state is loaded
-        self.predict_mask = [c >= self.args.vsa_min_cosine for c in tensor_cos]
+        if per is None:  # host sync: only when state is loaded
+            per = torch.cat([self.tensor_cosine, self.tensor_trust]).tolist()
+        tensor_cos, self.trust = per[:n], per[n:]
+        self.predict_mask = [self.args.vsa_min_cosine <= -1.0 or c >= self.args.vsa_min_cosine for c in tensor_cos]
 
     @property
     def partial(self) -> bool:

@@ -186,7 +186,9 @@ class GradientPredictor:
     def correct(self, grads, t: int):
         """At a CORRECT step: compare the prediction for t with the actual gradient, learn the
         residual (actual - fit), then record. Returns device tensors: (cosine, relative residual,
-        per-tensor cosine), NaN where the gradient was not finite."""
+        per-tensor cosine, per-tensor trust), NaN where the gradient was not finite. A tensor's
+        trust is the least-squares scale of its prediction p against the actual gradient g,
+        <g, p> / |p|^2 (the multiple of p closest to g), clipped to [0, 1]."""
         actual = [g.to(torch.promote_types(p.dtype, torch.float32)) for g, p in zip(grads, self.params)]
         pred = self.predict_base(t)
         learn = self.residual_decay > 0
@@ -198,14 +200,15 @@ class GradientPredictor:
         a2, p2, d2 = (torch.stack(torch._foreach_norm(x)).double() ** 2 for x in (actual, pred, diff))
         dots = (a2 + p2 - d2) / 2  # a.p from three norms: no extra full-size buffer
         per_tensor = (dots / (a2.sqrt() * p2.sqrt()).clamp_min(1e-30)).clamp(-1.0, 1.0)
+        trust = (dots / p2.clamp_min(1e-30)).clamp(0.0, 1.0)
         cosine = (dots.sum() / (a2.sum().sqrt() * p2.sum().sqrt()).clamp_min(1e-30)).clamp(-1.0, 1.0)
         rel_residual = d2.sum().sqrt() / a2.sum().sqrt().clamp_min(1e-30)
         if self.record(actual, t):
             if fresh is not None:
                 self._learn_residual(fresh, t)
-            return cosine, rel_residual, per_tensor
+            return cosine, rel_residual, per_tensor, trust
         nan = torch.full_like(cosine, float("nan"))
-        return nan, nan, torch.full_like(per_tensor, float("nan"))
+        return nan, nan, torch.full_like(per_tensor, float("nan")), torch.full_like(trust, float("nan"))
 
     # ---- state -----------------------------------------------------------------------------
     _SCALARS = ("sw", "st", "stt", "origin", "last_t", "residual_t", "skipped")

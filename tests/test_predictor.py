@@ -84,11 +84,14 @@ def test_correct_learns_decayed_residual_and_reports_cosine():
     pred.record([g], 0)
     pred.record([g], 1)
     actual = g + torch.randn(8)
-    cos, rel, per_tensor = pred.correct([actual], 2)
+    cos, rel, per_tensor, trust = pred.correct([actual], 2)
     ref_cos = torch.nn.functional.cosine_similarity(g, actual, dim=0)
     assert cos.item() == pytest.approx(ref_cos.item(), abs=1e-5)
     assert per_tensor[0].item() == pytest.approx(ref_cos.item(), abs=1e-5)
     assert rel.item() == pytest.approx(((actual - g).norm() / actual.norm()).item(), rel=1e-5)
+    # trust: the least-squares multiple of the prediction closest to the actual gradient, in [0, 1]
+    alpha = min(max((actual @ g / (g @ g)).item(), 0.0), 1.0)
+    assert trust[0].item() == pytest.approx(alpha, abs=1e-5)
     # The residual (actual - fit) decays by 0.5 per step since the CORRECT step.
     base = pred.predict_base(4)[0]
     torch.testing.assert_close(pred.predict(4)[0], base + 0.25 * (actual - g), rtol=1e-4, atol=1e-5)
@@ -124,3 +127,13 @@ def test_memory_does_not_grow_with_history():
     for t in range(1, 50):
         pred.record([torch.randn(3, 4), torch.randn(5)], t)
     assert size() == s1 == 3 * 17  # G0, G1 and the residual per tensor, nothing per record
+
+
+@pytest.mark.parametrize("scale,expected", [(0.5, 0.5), (3.0, 1.0), (-2.0, 0.0)])
+def test_trust_is_the_clipped_least_squares_scale_of_the_prediction(scale, expected):
+    params, pred = make(shapes=((16,), (4, 4)), residual_decay=0.0)
+    grads = [torch.randn(16), torch.randn(4, 4)]
+    pred.record(grads, 0)
+    pred.record(grads, 1)  # the fit predicts exactly these gradients
+    _, _, _, trust = pred.correct([g * scale for g in grads], 2)
+    torch.testing.assert_close(trust, torch.full((2,), expected, dtype=trust.dtype))
