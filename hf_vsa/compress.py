@@ -61,26 +61,31 @@ def _blocked(x, block):
 
 def ternarize(x, block, generator=None):
     """x -> (codes fp32 [blocks, block] in {-1,0,1}, scales fp32 [blocks]); the dequantized value
-    is codes * scales[:, None]. generator None: deterministic; else unbiased stochastic rounding.
-    (Written for few passes over memory: on CPU each pass costs as much as the arithmetic.)"""
-    xb = _blocked(x, block)
+    is codes * scales[:, None]. generator None: deterministic; else unbiased stochastic rounding."""
+    return _ternarize_blocks(_blocked(x, block), generator)[:2]
+
+
+def _ternarize_blocks(xb, generator=None):
+    """ternarize() on blocked fp32 xb, also returning max|x| per block. Written for few passes
+    over memory (on CPU each pass costs as much as the arithmetic)."""
     a = xb.abs()
+    amax = a.amax(1)
     if generator is None:
         codes = torch.sign(xb).mul_(a > a.mean(1, keepdim=True).mul_(0.7))
-        kept = torch.count_nonzero(codes, dim=1).clamp_min_(1)
+        kept = torch.linalg.vecdot(codes, codes).clamp_min_(1)  # count of nonzero codes
         scales = torch.linalg.vecdot(xb, codes).div_(kept)  # mean |x| over the kept elements
     else:
-        scales = a.amax(1)
+        scales = amax
         u = torch.rand(xb.shape, generator=generator, device=xb.device)
         codes = torch.sign(xb).mul_(u.mul_(scales[:, None]) < a)
-    return codes, scales
+    return codes, scales, amax
 
 
-def int8_quantize(xb, bound):
+def int8_quantize_(xb, bound):
     """[blocks, block] fp32 -> (int8 flat, fp32 [blocks]), round to nearest, given per-block
-    bounds on |x| (saves a pass over x)."""
+    bounds on |x| (saves a pass over x). Overwrites xb."""
     scales = (bound / 127).clamp_min_(1e-30)
-    q = (xb / scales[:, None]).round_().to(torch.int8)
+    q = xb.div_(scales[:, None]).round_().to(torch.int8)
     return q.reshape(-1), scales
 
 
@@ -110,15 +115,27 @@ def dequantize(packed, scales, numel, block, bits=2):
 
 
 def key_signs(numel, block, seed, device):
-    """Seeded +-1 key (float32, padded to whole blocks), generated _KEY_CHUNK elements at a time."""
+    """Seeded +-1 key (float32, padded to whole blocks), generated _KEY_CHUNK elements at a time:
+    random bytes, each expanded to 8 signs through a table (one draw per 8 elements)."""
     n = blocks_of(numel, block) * block
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    out = torch.empty(n, device=device)
-    for s in range(0, n, _KEY_CHUNK):
-        m = min(_KEY_CHUNK, n - s)
-        out[s:s + m] = torch.randint(0, 2, (m,), generator=gen, device=device, dtype=torch.int8) * 2 - 1
-    return out
+    out = torch.empty(-(-n // 8) * 8, device=device)
+    table = _sign_table(device)
+    for s in range(0, out.numel(), _KEY_CHUNK):
+        m = min(_KEY_CHUNK, out.numel() - s)
+        draw = torch.randint(0, 256, (m // 8,), generator=gen, device=device, dtype=torch.uint8)
+        torch.index_select(table, 0, draw.int(), out=out[s:s + m].view(-1, 8))
+    return out[:n]
+
+
+def _sign_table(device):
+    """byte -> its 8 bits as +-1 float32, [256, 8]."""
+    key = (str(device), "signs")
+    if key not in _luts:
+        b = torch.arange(256, dtype=torch.int32)
+        _luts[key] = torch.stack([((b >> k) & 1) * 2 - 1 for k in range(8)], 1).float().to(device)
+    return _luts[key]
 
 
 def mix_seed(*parts) -> int:
@@ -172,19 +189,19 @@ class CompressedHistory:
                 self.times[j] = -1
         for i, g in enumerate(grads):
             gen = None if self.rounding == "deterministic" else self._generator(0, t, i)
-            x = torch.addcmul(_blocked(g, self.block), self.error[i].view(-1, self.block),
-                              self.error_scales[i][:, None])  # error feedback: carry what rounding lost
-            codes, scales = ternarize(x, self.block, gen)
+            # error feedback: carry what rounding lost from the previous record
+            x = self.error[i].view(-1, self.block).float().mul_(self.error_scales[i][:, None])
+            x.add_(_blocked(g, self.block))
+            codes, scales, amax = _ternarize_blocks(x, gen)
             self.scales[i][k] = scales
             # |x - code * scale| <= max |x| of the block, for both roundings
-            self.error[i], self.error_scales[i] = int8_quantize(
-                torch.addcmul(x, codes, scales[:, None], value=-1), x.abs().amax(1))
+            self.error[i], self.error_scales[i] = int8_quantize_(x.addcmul_(codes, scales[:, None], value=-1), amax)
             if self.kind == "ternary":
                 self.codes[i][k] = pack(codes, 2)
             else:
-                bound = codes.reshape(-1) * self._key(i, k)
-                total = bound if first else unpack(self.codes[i][b], 4) + bound
-                self.codes[i][b] = pack(total.to(torch.int8), 4)
+                bound = codes.reshape(-1).mul_(self._key(i, k))
+                total = bound if first else bound.add_(unpack(self.codes[i][b], 4))
+                self.codes[i][b] = pack(total, 4)
         self.times[k] = t
         self.next = (k + 1) % self.window
 
@@ -196,21 +213,33 @@ class CompressedHistory:
 
     def weighted_sum(self, weights, index=None):
         """sum_k weights[k] * record_k for the tensors in `index` (all: None); weights by slot,
-        host floats. Fresh fp32 tensors shaped like the parameters."""
+        host floats. Fresh fp32 tensors shaped like the parameters. vsa: each bundle is unpacked
+        once, and each key once, since slots at the same position in their bundles share a key:
+        sum_j key_j * (sum_b w_bj * scale_bj * bundle_b)."""
+        newest = (self.next - 1) % self.window
+        by_position = {}  # position in bundle -> [(slot, weight)]
+        for k, w in weights.items():
+            if w:
+                by_position.setdefault(k % self.bundle, []).append((k, w))
         out = []
         for i in range(len(self.params)) if index is None else index:
             p = self.params[i]
             acc = torch.zeros(blocks_of(p.numel(), self.block), self.block, device=p.device)
-            newest = (self.next - 1) % self.window
             if weights.get(newest):  # the newest record's rounding error, not yet carried anywhere
                 acc.add_(self._error(i), alpha=weights[newest])
-            for k, w in weights.items():
-                if not w:
-                    continue
-                vals = unpack(self.codes[i][k // self.bundle], self.bits).view(-1, self.block)
-                if self.kind == "vsa":
-                    vals = vals * self._key(i, k).view(-1, self.block)
-                acc.addcmul_(vals, self.scales[i][k][:, None], value=w)
+            if self.kind == "ternary":
+                for k, w in sorted((k, w) for slots in by_position.values() for k, w in slots):
+                    acc.addcmul_(unpack(self.codes[i][k], 2).view(-1, self.block), self.scales[i][k][:, None], value=w)
+            else:
+                bundles = {}
+                for j, slots in sorted(by_position.items()):
+                    part = torch.zeros_like(acc)
+                    for k, w in slots:
+                        b = k // self.bundle
+                        if b not in bundles:
+                            bundles[b] = unpack(self.codes[i][b], 4).view(-1, self.block)
+                        part.addcmul_(bundles[b], self.scales[i][k][:, None], value=w)
+                    acc.addcmul_(part, self._key(i, j).view(-1, self.block))
             out.append(acc.reshape(-1)[:p.numel()].view_as(p))
         return out
 

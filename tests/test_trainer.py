@@ -122,6 +122,29 @@ def test_untrusted_tensors_get_no_update_on_predict_steps(tmp_path):
     assert t.vsa.predict_mask == [False] * len(t.vsa.params)
 
 
+@pytest.mark.parametrize("trust", ["fitted", "none"])
+def test_predicted_gradient_is_scaled_by_the_measured_trust(tmp_path, trust):
+    model = make_model()
+    seen = []
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, *a, **kw):  # after the Trainer's clipping (off here)
+            e = t.vsa
+            if e.phase is Phase.PREDICT and e.corrections:
+                pred = e.predictor.predict(e.step)
+                seen.append([(p.grad.clone(), g, e.tensor_trust[i].item()) for i, (p, g) in enumerate(zip(e.params, pred))])
+
+    t = VSATrainer(model=model, args=args(tmp_path, vsa_trust=trust, max_grad_norm=0.0, **NO_BACKWARD),
+                   train_dataset=make_dataset(512), callbacks=[Grab()])
+    t.train()
+    assert seen
+    factors = [f for step in seen for _, _, f in step]
+    assert all(0.0 <= f <= 1.0 for f in factors) and min(factors) < 0.99  # measured, not a constant
+    for step in seen:
+        for grad, pred, f in step:
+            torch.testing.assert_close(grad, pred * (f if trust == "fitted" else 1.0), rtol=1e-5, atol=1e-7)
+
+
 def test_logs_report_phase_statistics_and_measured_loss(tmp_path):
     t = VSATrainer(model=make_model(), args=args(tmp_path, logging_steps=6, **NO_BACKWARD),
                    train_dataset=make_dataset(512))
