@@ -9,8 +9,8 @@ Pure tensor functions on the tensors' own device, plus `CompressedHistory`, a ri
   (scale = max|x|, P(code = sign x) = |x| / scale), drawn from a generator seeded by
   (seed, step, tensor), so it is reproducible and needs no generator state in checkpoints.
   Codes are packed 4 per byte.
-- vsa: ternary codes are bound to seeded random +-1 keys (one key per tensor and slot, made in
-  blocks from a local torch.Generator, never stored) and `bundle` consecutive records are summed
+- vsa: ternary codes are bound to seeded random +-1 keys (one key per tensor and position in the
+  bundle, made in blocks from a local torch.Generator, never stored) and `bundle` consecutive records are summed
   into one superposition, an integer in [-bundle, bundle] packed 2 per byte. Unbinding (multiply
   by the key again) returns each record plus crosstalk from the others in its bundle.
 

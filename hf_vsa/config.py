@@ -106,7 +106,7 @@ class VSATrainingArguments(TrainingArguments):
                           "-1 predicts every tensor."},
     )
     vsa_trust: str = field(
-        default="fitted",
+        default="none",
         metadata={"help": "Size of a predicted update. 'fitted': each predicted tensor's gradient is multiplied by "
                           "its trust factor, the least-squares scale <g, p> / |p|^2 of prediction p against the actual "
                           "gradient g measured at CORRECT steps (running mean, clipped to [0, 1]), so a prediction "
