@@ -179,15 +179,16 @@ class CompressedHistory:
         return key_signs(self.params[i].numel(), self.block, mix_seed(self.seed, 1, i, slot % self.bundle),
                          self.params[i].device)
 
-    def push(self, grads, t: int):
-        """Store the gradients of step t in the oldest slot (for vsa: a new bundle drops the oldest
-        whole bundle)."""
+    def push(self, grads, t: int, index=None):
+        """Store the gradients of step t (one per tensor) in the oldest slot (for vsa: a new bundle
+        drops the oldest whole bundle); only the tensors in `index` (all: None) are stored."""
         k = self.next
         b, first = divmod(k, self.bundle)[0], k % self.bundle == 0
         if first:  # the slots of the bundle being overwritten are gone
             for j in range(b * self.bundle, min((b + 1) * self.bundle, self.window)):
                 self.times[j] = -1
-        for i, g in enumerate(grads):
+        for i in range(len(self.params)) if index is None else index:
+            g = grads[i]
             gen = None if self.rounding == "deterministic" else self._generator(0, t, i)
             # error feedback: carry what rounding lost from the previous record
             x = self.error[i].view(-1, self.block).float().mul_(self.error_scales[i][:, None])

@@ -12,7 +12,7 @@ PRESETS = {
     # The method as first sketched (vsa-optim-rs): WLS baseline + velocity, fixed schedule.
     "sketch": dict(vsa_predictor="wls", vsa_warmup_steps=10, vsa_full_steps=5, vsa_predict_steps=20,
                    vsa_correct_every=5, vsa_adaptive_phases=False, vsa_predict_forward=False,
-                   vsa_exact_fraction=0.0, vsa_min_cosine=-1.0, vsa_trust="none"),
+                   vsa_exact_fraction=0.0, vsa_min_cosine=-1.0, vsa_trust="none", vsa_skip_sparse=False),
 }
 # Optimizers that update parameters inside backward: with no backward there is no update at
 # all, and a gradient written into .grad is never read.
@@ -104,6 +104,12 @@ class VSATrainingArguments(TrainingArguments):
         metadata={"help": "A predicted tensor whose prediction cosine, measured at CORRECT steps (running mean), "
                           "is below this gets no update on PREDICT steps (grad=None) until it recovers. In [-1, 1]; "
                           "-1 predicts every tensor."},
+    )
+    vsa_skip_sparse: bool = field(
+        default=True,
+        metadata={"help": "Tensors whose first recorded gradient is at least half exact zeros (embedding rows of "
+                          "tokens absent from the batch) are never predicted nor recorded: they change on backprop "
+                          "steps only, and the compressor skips them."},
     )
     vsa_trust: str = field(
         default="none",

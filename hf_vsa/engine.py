@@ -100,6 +100,8 @@ class VSAEngine:
     def after_backward(self, grad_scale=None):
         """Last micro-batch of a backprop step: record the accumulated, synchronised gradient."""
         grads = self._grads(None if grad_scale is None else 1.0 / grad_scale)
+        if self.predictor.last_t < 0 and self.args.vsa_skip_sparse:
+            self._drop_sparse(grads)
         if self.phase is Phase.CORRECT:
             cosine, rel_residual, per_tensor, trust = self.predictor.correct(grads, self.step)
             self.cosine = cosine
@@ -114,6 +116,16 @@ class VSAEngine:
             self.refresh_mask(per)
         else:
             self.predictor.record(grads, self.step)
+
+    def _drop_sparse(self, grads):
+        """Before the first record: tensors whose gradient is mostly exact zeros (embedding rows of
+        tokens absent from the batch) are never predicted nor recorded; they change on backprop
+        steps only. Their prediction would move rows the batch never touched."""
+        zeros = torch.stack([(g == 0).sum().float() / g.numel() for g in grads])
+        dense = [i for i, z in enumerate(zeros.tolist()) if z < 0.5]  # host sync: once, at the first record
+        if dense and len(dense) < len(grads):
+            self.predictor.active = dense
+            self.refresh_mask()
 
     def write_prediction(self, grad_scale=None):
         """Last micro-batch of a PREDICT step: the predicted gradient goes into .grad, on the
@@ -144,13 +156,15 @@ class VSAEngine:
         """Which tensors get their prediction and with what trust factor, from the running
         per-tensor cosines and trust factors (`per`: both lists, concatenated)."""
         n = len(self.params)
+        active = set(self.predictor.active)
         if self.corrections == 0:
-            self.predict_mask, self.trust = [True] * n, [1.0] * n
+            self.predict_mask, self.trust = [i in active for i in range(n)], [1.0] * n
             return
         if per is None:  # host sync: only when state is loaded
             per = torch.cat([self.tensor_cosine, self.tensor_trust]).tolist()
         tensor_cos, self.trust = per[:n], per[n:]
-        self.predict_mask = [self.args.vsa_min_cosine <= -1.0 or c >= self.args.vsa_min_cosine for c in tensor_cos]
+        self.predict_mask = [i in active and (self.args.vsa_min_cosine <= -1.0 or c >= self.args.vsa_min_cosine)
+                             for i, c in enumerate(tensor_cos)]
 
     @property
     def partial(self) -> bool:

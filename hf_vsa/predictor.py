@@ -76,6 +76,7 @@ class GradientPredictor:
                 self.rcodes = [torch.zeros(packed_bytes(p.numel(), block), dtype=torch.uint8, device=p.device)
                                for p in self.params]
                 self.rscales = [torch.zeros_like(s[0]) for s in self.history.scales]
+        self.active = list(range(len(self.params)))  # the tensors recorded and compared
         self.sw = self.st = self.stt = 0.0
         self.origin = 0
         self.last_t = -1  # newest record; -1: none yet
@@ -83,16 +84,21 @@ class GradientPredictor:
         self.skipped = 0
 
     # ---- recording -------------------------------------------------------------------------
+    def _pick(self, xs):
+        return [xs[i] for i in self.active]
+
     def record(self, grads, t: int) -> bool:
-        """Add the gradient observed at optimizer step t; a non-finite one is refused (False)."""
-        if not bool(all_finite(grads)):  # host sync: once per recorded (backprop) step
+        """Add the gradient observed at optimizer step t (one per tensor; only the active tensors
+        are recorded); a non-finite one is refused (False)."""
+        if not bool(all_finite(self._pick(grads))):  # host sync: once per recorded (backprop) step
             self.skipped += 1
             logger.warning("hf_vsa: gradient at step %d has inf/nan; not recorded in the prediction history", t)
             return False
         if self.history is not None:
-            self.history.push(grads, t)
+            self.history.push(grads, t, self.active)
         elif self.kind == "momentum":
-            torch._foreach_lerp_(self.g0, [g.to(b.dtype) for g, b in zip(grads, self.g0)], 1.0 - self.momentum)
+            g0 = self._pick(self.g0)
+            torch._foreach_lerp_(g0, [g.to(b.dtype) for g, b in zip(self._pick(grads), g0)], 1.0 - self.momentum)
             self.sw = self.sw * self.momentum + (1.0 - self.momentum)  # bias correction, 1 - momentum**n
         else:
             if self.last_t < 0:
@@ -101,9 +107,9 @@ class GradientPredictor:
                 self._move_origin(t)
             u = float(t - self.origin)
             c = self.decay ** -u
-            torch._foreach_add_(self.g0, grads, alpha=c)
+            torch._foreach_add_(self._pick(self.g0), self._pick(grads), alpha=c)
             if u:
-                torch._foreach_add_(self.g1, grads, alpha=c * u)
+                torch._foreach_add_(self._pick(self.g1), self._pick(grads), alpha=c * u)
             self.sw, self.st, self.stt = self.sw + c, self.st + c * u, self.stt + c * u * u
         self.last_t = t
         return True
@@ -167,10 +173,12 @@ class GradientPredictor:
                 .view_as(self.params[i]) for i in idx]
 
     def _learn_residual(self, fresh, t):
+        """fresh: the new residuals of the active tensors."""
         if self.history is None:
-            self.residual = fresh
+            for i, r in zip(self.active, fresh):
+                self.residual[i] = r
         else:
-            for i, r in enumerate(fresh):
+            for i, r in zip(self.active, fresh):
                 codes, scales = ternary_pack(r, self.block)
                 self.rcodes[i].copy_(codes)
                 self.rscales[i].copy_(scales)
@@ -189,29 +197,39 @@ class GradientPredictor:
         per-tensor cosine, per-tensor trust), NaN where the gradient was not finite. A tensor's
         trust is the least-squares scale of its prediction p against the actual gradient g,
         <g, p> / |p|^2 (the multiple of p closest to g), clipped to [0, 1]."""
-        actual = [g.to(torch.promote_types(p.dtype, torch.float32)) for g, p in zip(grads, self.params)]
-        pred = self.predict_base(t)
+        full_grads = grads
+        grads = self._pick(grads)
+        actual = [g.to(torch.promote_types(p.dtype, torch.float32)) for g, p in zip(grads, self._pick(self.params))]
+        pred = self.predict_base(t, self.active)
         learn = self.residual_decay > 0
         fresh = torch._foreach_sub(actual, pred) if learn else None  # actual - fit
         w = self._residual_weight(t)
         if w:
-            torch._foreach_add_(pred, self._residuals(), alpha=w)
+            torch._foreach_add_(pred, self._residuals(self.active), alpha=w)
         diff = torch._foreach_sub(actual, pred)
         a2, p2, d2 = (torch.stack(torch._foreach_norm(x)).double() ** 2 for x in (actual, pred, diff))
         dots = (a2 + p2 - d2) / 2  # a.p from three norms: no extra full-size buffer
-        per_tensor = (dots / (a2.sqrt() * p2.sqrt()).clamp_min(1e-30)).clamp(-1.0, 1.0)
-        trust = (dots / p2.clamp_min(1e-30)).clamp(0.0, 1.0)
+        per_tensor = self._spread((dots / (a2.sqrt() * p2.sqrt()).clamp_min(1e-30)).clamp(-1.0, 1.0))
+        trust = self._spread((dots / p2.clamp_min(1e-30)).clamp(0.0, 1.0))
         cosine = (dots.sum() / (a2.sum().sqrt() * p2.sum().sqrt()).clamp_min(1e-30)).clamp(-1.0, 1.0)
         rel_residual = d2.sum().sqrt() / a2.sum().sqrt().clamp_min(1e-30)
-        if self.record(actual, t):
+        if self.record(full_grads, t):
             if fresh is not None:
                 self._learn_residual(fresh, t)
             return cosine, rel_residual, per_tensor, trust
         nan = torch.full_like(cosine, float("nan"))
         return nan, nan, torch.full_like(per_tensor, float("nan")), torch.full_like(trust, float("nan"))
 
+    def _spread(self, values):
+        """Per-active-tensor values -> one per tensor, NaN for the inactive ones."""
+        if len(self.active) == len(self.params):
+            return values
+        out = torch.full((len(self.params),), float("nan"), dtype=values.dtype, device=values.device)
+        out[torch.tensor(self.active, device=values.device)] = values
+        return out
+
     # ---- state -----------------------------------------------------------------------------
-    _SCALARS = ("sw", "st", "stt", "origin", "last_t", "residual_t", "skipped")
+    _SCALARS = ("sw", "st", "stt", "origin", "last_t", "residual_t", "skipped", "active")
 
     _BUFFERS = ("g0", "g1", "residual", "rcodes", "rscales")
 
@@ -241,6 +259,9 @@ class GradientPredictor:
             x.copy_(v)
         for k in self._SCALARS:
             setattr(self, k, type(getattr(self, k))(state[k]))
+        self.active = [int(i) for i in self.active]
+        if any(not 0 <= i < len(self.params) for i in self.active):
+            raise ValueError(f"predictor state active: indices outside 0..{len(self.params) - 1}")
         if self.history is not None:
             times = [int(x) for x in state["ring_times"]]
             if len(times) != self.history.window:

@@ -132,7 +132,8 @@ def test_predicted_gradient_is_scaled_by_the_measured_trust(tmp_path, trust):
             e = t.vsa
             if e.phase is Phase.PREDICT and e.corrections:
                 pred = e.predictor.predict(e.step)
-                seen.append([(p.grad.clone(), g, e.tensor_trust[i].item()) for i, (p, g) in enumerate(zip(e.params, pred))])
+                seen.append([(p.grad.clone(), g, e.tensor_trust[i].item()) for i, (p, g) in enumerate(zip(e.params, pred))
+                             if i in e.predictor.active])
 
     t = VSATrainer(model=model, args=args(tmp_path, vsa_trust=trust, max_grad_norm=0.0, **NO_BACKWARD),
                    train_dataset=make_dataset(512), callbacks=[Grab()])
@@ -184,3 +185,38 @@ def test_vsa_trainer_needs_vsa_arguments(tmp_path):
     with pytest.raises(TypeError, match="VSATrainingArguments"):
         VSATrainer(model=make_model(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none",
                                                               use_cpu=True), train_dataset=make_dataset(32))
+
+
+def test_sparse_gradient_tensors_are_neither_predicted_nor_recorded(tmp_path):
+    model = make_model()
+    emb = model.bert.embeddings.token_type_embeddings.weight  # 2 rows; the data uses only type 0
+    dense = model.bert.encoder.layer[0].attention.self.query.weight
+    moved = []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            self.before = emb.detach().clone(), dense.detach().clone()
+
+        def on_step_end(self, *a, **kw):
+            moved.append((t.vsa.phase, not torch.equal(self.before[0], emb), not torch.equal(self.before[1], dense)))
+
+    t = VSATrainer(model=model, args=args(tmp_path, **NO_BACKWARD), train_dataset=make_dataset(512),
+                   callbacks=[Watch()])
+    t.train()
+    e = t.vsa
+    i_emb = next(i for i, p in enumerate(e.params) if p is emb)
+    i_dense = next(i for i, p in enumerate(e.params) if p is dense)
+    assert i_emb not in e.predictor.active and i_dense in e.predictor.active
+    codes = e.predictor.history.codes  # the default compression's ring: never written for it
+    assert not codes[i_emb].any() and codes[i_dense].any()
+    predict = [(m_emb, m_dense) for phase, m_emb, m_dense in moved if phase is Phase.PREDICT]
+    assert predict and not any(m for m, _ in predict) and all(m for _, m in predict)
+    assert all(m_emb for phase, m_emb, _ in moved if phase is not Phase.PREDICT)  # backprop steps update it
+
+
+def test_sketch_preset_and_skip_sparse_off_predict_every_tensor(tmp_path):
+    t = VSATrainer(model=make_model(), args=args(tmp_path, vsa_skip_sparse=False, **NO_BACKWARD),
+                   train_dataset=make_dataset(512))
+    t.train()
+    assert t.vsa.predictor.active == list(range(len(t.vsa.params)))
+    assert VSATrainingArguments(output_dir=str(tmp_path), vsa_preset="sketch").vsa_skip_sparse is False
