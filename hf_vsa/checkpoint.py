@@ -13,6 +13,9 @@ from safetensors.torch import save_file
 from .controller import Phase
 
 STATE_FILE = "vsa_state.safetensors"
+# Bumped whenever saved state would be read differently (2: VSA keys made from random bytes;
+# predictor `active` tensors).
+STATE_VERSION = 2
 # Settings whose change makes saved state meaningless.
 STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum", "vsa_compression",
                   "vsa_history_window", "vsa_compression_block", "vsa_ternary_rounding", "vsa_bundle_size")
@@ -47,6 +50,7 @@ def engine_state(engine, rows=None):
     meta["engine/seconds"] = engine.seconds
     meta["controller"] = engine.controller.state_dict()
     meta["settings"] = {k: getattr(engine.args, k) for k in STATE_SETTINGS}
+    meta["version"] = STATE_VERSION
     return tensors, meta
 
 
@@ -77,6 +81,10 @@ def load_engine(engine, directory, rank=0, world=1):
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # corrupt or truncated bytes, or a foreign file
         raise ValueError(f"{path}: cannot read VSA state ({type(e).__name__}: {e})") from e
+    if meta.get("version") != STATE_VERSION:
+        raise ValueError(f"{path}: VSA state format version {meta.get('version')} (None: written by an earlier "
+                         f"hf_vsa); this hf_vsa reads version {STATE_VERSION}. Pass vsa_reset_state_on_resume=True "
+                         "to start the VSA state from scratch.")
     settings = {k: getattr(engine.args, k) for k in STATE_SETTINGS}
     changed = {k: (meta["settings"].get(k), v) for k, v in settings.items() if meta["settings"].get(k) != v}
     if changed:

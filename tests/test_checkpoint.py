@@ -138,6 +138,19 @@ def _rewrite(path, edit):
     save_file(tensors, str(path), metadata=meta)
 
 
+def test_state_from_another_format_version_is_refused(tmp_path, checkpoint):
+    from safetensors.torch import save_file
+    path = checkpoint / ckpt.STATE_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(meta["hf_vsa"])
+    del info["version"]  # as written before the format had a version
+    save_file(tensors, str(path), metadata={**meta, "hf_vsa": json.dumps(info)})
+    _, go = resume_error(tmp_path, checkpoint)
+    with pytest.raises(ValueError, match="vsa_state.safetensors: VSA state format version None"):
+        go()
+
+
 def test_wrong_shape_is_refused(tmp_path, checkpoint):
     key = "predictor/codes.bert.embeddings.word_embeddings.weight"
     _rewrite(checkpoint / ckpt.STATE_FILE, lambda t: t.__setitem__(key, torch.zeros(3, 32, dtype=torch.uint8)))
