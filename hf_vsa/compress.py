@@ -218,10 +218,10 @@ class CompressedHistory:
         once, and each key once, since slots at the same position in their bundles share a key:
         sum_j key_j * (sum_b w_bj * scale_bj * bundle_b)."""
         newest = (self.next - 1) % self.window
-        by_position = {}  # position in bundle -> [(slot, weight)]
-        for k, w in weights.items():
-            if w:
-                by_position.setdefault(k % self.bundle, []).append((k, w))
+        slots = sorted((k, w) for k, w in weights.items() if w)
+        by_position = {}  # vsa: position in bundle -> [(slot, weight)]
+        for k, w in slots:
+            by_position.setdefault(k % self.bundle, []).append((k, w))
         out = []
         for i in range(len(self.params)) if index is None else index:
             p = self.params[i]
@@ -229,13 +229,13 @@ class CompressedHistory:
             if weights.get(newest):  # the newest record's rounding error, not yet carried anywhere
                 acc.add_(self._error(i), alpha=weights[newest])
             if self.kind == "ternary":
-                for k, w in sorted((k, w) for slots in by_position.values() for k, w in slots):
+                for k, w in slots:
                     acc.addcmul_(unpack(self.codes[i][k], 2).view(-1, self.block), self.scales[i][k][:, None], value=w)
             else:
                 bundles = {}
-                for j, slots in sorted(by_position.items()):
+                for j, at_j in sorted(by_position.items()):
                     part = torch.zeros_like(acc)
-                    for k, w in slots:
+                    for k, w in at_j:
                         b = k // self.bundle
                         if b not in bundles:
                             bundles[b] = unpack(self.codes[i][b], 4).view(-1, self.block)

@@ -118,9 +118,10 @@ class GradientPredictor:
         """Re-reference times to t (u -> u - s) and rescale weights by decay**s: same fit."""
         s = float(t - self.origin)
         k = self.decay ** s
-        torch._foreach_add_(self.g1, self.g0, alpha=-s)
-        torch._foreach_mul_(self.g0, k)
-        torch._foreach_mul_(self.g1, k)
+        g0, g1 = self._pick(self.g0), self._pick(self.g1)  # inactive tensors' sums stay zero
+        torch._foreach_add_(g1, g0, alpha=-s)
+        torch._foreach_mul_(g0, k)
+        torch._foreach_mul_(g1, k)
         self.stt = (self.stt - 2 * s * self.st + s * s * self.sw) * k
         self.st = (self.st - s * self.sw) * k
         self.sw *= k
