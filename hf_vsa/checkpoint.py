@@ -89,6 +89,10 @@ def load_engine(engine, directory, rank=0, world=1):
     changed = {k: (meta["settings"].get(k), v) for k, v in settings.items() if meta["settings"].get(k) != v}
     if changed:
         raise ValueError(f"{path}: saved with different settings (saved, now): {changed}")
+    try:  # the tensors the state tracks decide the buffers' shapes checked below
+        engine.predictor.set_active(meta["predictor/active"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bad predictor/active ({type(e).__name__}: {e})") from e
     expected, _ = engine_state(engine)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:

@@ -245,9 +245,11 @@ class CompressedHistory:
         return out
 
     # ---- state -----------------------------------------------------------------------------
+    BUFFERS = ("codes", "scales", "error", "error_scales")  # per-tensor lists
+
     def tensors(self) -> dict:
         s = {}
-        for name in ("codes", "scales", "error", "error_scales"):
+        for name in self.BUFFERS:
             for i, x in enumerate(getattr(self, name)):
                 s[f"{name}.{i}"] = x
         return s

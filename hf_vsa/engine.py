@@ -4,12 +4,16 @@ VSATrainer calls it at fixed points of each optimizer step; it never calls back 
 Host syncs happen only where marked: at the end of a cycle (adaptive scheduling), at CORRECT
 steps (residual and prediction quality) and at logging steps.
 """
+import logging
 import math
+
 import torch
 
 from .compress import TernaryAccumulator
 from .controller import Phase, PhaseController
 from .predictor import GradientPredictor
+
+logger = logging.getLogger(__name__)
 
 
 class VSAEngine:
@@ -124,7 +128,9 @@ class VSAEngine:
         zeros = torch.stack([(g == 0).sum().float() / g.numel() for g in grads])
         dense = [i for i, z in enumerate(zeros.tolist()) if z < 0.5]  # host sync: once, at the first record
         if dense and len(dense) < len(grads):
-            self.predictor.active = dense
+            self.predictor.set_active(dense)
+            logger.info("hf_vsa: %d of %d tensors have mostly zero gradients and are not predicted (vsa_skip_sparse): %s",
+                        len(grads) - len(dense), len(grads), [n for i, n in enumerate(self.names) if i not in dense])
             self.refresh_mask()
 
     def write_prediction(self, grad_scale=None):

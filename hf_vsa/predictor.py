@@ -83,6 +83,23 @@ class GradientPredictor:
         self.residual_t = -1  # when the residual was learned; -1: none yet
         self.skipped = 0
 
+    def set_active(self, active):
+        """Track only the tensors in `active` (indices into params, increasing); the others' buffers
+        are freed (left as empty tensors), so they cost no state memory."""
+        active = sorted({int(i) for i in active})
+        if not active or active[0] < 0 or active[-1] >= len(self.params):
+            raise ValueError(f"predictor active indices must be a non-empty subset of 0..{len(self.params) - 1}, "
+                             f"got {active[:5]}...")
+        self.active = active
+        keep = set(active)
+        holders = [getattr(self, name) for name in self._BUFFERS]
+        if self.history is not None:
+            holders += [getattr(self.history, name) for name in self.history.BUFFERS]
+        for xs in holders:
+            for i, x in enumerate(xs):
+                if i not in keep and x.numel():
+                    xs[i] = x.new_empty(0)
+
     # ---- recording -------------------------------------------------------------------------
     def _pick(self, xs):
         return [xs[i] for i in self.active]
@@ -118,7 +135,7 @@ class GradientPredictor:
         """Re-reference times to t (u -> u - s) and rescale weights by decay**s: same fit."""
         s = float(t - self.origin)
         k = self.decay ** s
-        g0, g1 = self._pick(self.g0), self._pick(self.g1)  # inactive tensors' sums stay zero
+        g0, g1 = self._pick(self.g0), self._pick(self.g1)
         torch._foreach_add_(g1, g0, alpha=-s)
         torch._foreach_mul_(g0, k)
         torch._foreach_mul_(g1, k)
@@ -129,9 +146,10 @@ class GradientPredictor:
 
     # ---- prediction ------------------------------------------------------------------------
     def predict_base(self, t: int, index=None):
-        """The fit at step t without the residual, for the tensors in `index` (all: None);
-        fresh fp32 (or wider) tensors."""
-        pick = (lambda xs: xs) if index is None else (lambda xs: [xs[i] for i in index])
+        """The fit at step t without the residual, for the tensors in `index` (None: the active
+        ones, i.e. all unless some were dropped); fresh fp32 (or wider) tensors."""
+        index = self.active if index is None else index
+        pick = lambda xs: [xs[i] for i in index]  # noqa: E731
         if self.history is not None:
             return self.history.weighted_sum(self.ring_weights(t), index)
         if self.kind == "momentum":
@@ -166,12 +184,11 @@ class GradientPredictor:
             return 0.0
         return self.residual_decay ** (t - self.residual_t)
 
-    def _residuals(self, index=None):
-        idx = range(len(self.params)) if index is None else index
+    def _residuals(self, index):
         if self.history is None:
-            return [self.residual[i] for i in idx]
+            return [self.residual[i] for i in index]
         return [dequantize(self.rcodes[i], self.rscales[i], self.params[i].numel(), self.block)
-                .view_as(self.params[i]) for i in idx]
+                .view_as(self.params[i]) for i in index]
 
     def _learn_residual(self, fresh, t):
         """fresh: the new residuals of the active tensors."""
@@ -186,6 +203,9 @@ class GradientPredictor:
         self.residual_t = t
 
     def predict(self, t: int, index=None):
+        """The prediction for step t (fit plus decayed residual), for the tensors in `index`
+        (None: the active ones)."""
+        index = self.active if index is None else index
         out = self.predict_base(t, index)
         w = self._residual_weight(t)
         if w:
@@ -252,6 +272,12 @@ class GradientPredictor:
         if set(state) != expected:
             raise KeyError(f"predictor state keys differ: missing {sorted(expected - set(state))[:5]}, "
                            f"unexpected {sorted(set(state) - expected)[:5]}")
+        active = [int(i) for i in state["active"]]
+        if active != self.active:
+            freed = sorted(set(active) - set(self.active))
+            if freed:
+                raise ValueError(f"predictor state active: tensors {freed[:5]} are tracked in the state but not here")
+            self.set_active(active)  # the shapes below depend on it
         for key, x in self._tensors().items():
             v = state[key]
             if v.shape != x.shape or v.dtype != x.dtype:
@@ -259,10 +285,8 @@ class GradientPredictor:
                                  f"got {tuple(v.shape)} {v.dtype}")
             x.copy_(v)
         for k in self._SCALARS:
-            setattr(self, k, type(getattr(self, k))(state[k]))
-        self.active = [int(i) for i in self.active]
-        if any(not 0 <= i < len(self.params) for i in self.active):
-            raise ValueError(f"predictor state active: indices outside 0..{len(self.params) - 1}")
+            if k != "active":
+                setattr(self, k, type(getattr(self, k))(state[k]))
         if self.history is not None:
             times = [int(x) for x in state["ring_times"]]
             if len(times) != self.history.window:

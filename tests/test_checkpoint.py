@@ -151,6 +151,22 @@ def test_state_from_another_format_version_is_refused(tmp_path, checkpoint):
         go()
 
 
+def test_untracked_tensors_are_saved_empty_and_a_bad_tracked_list_is_refused(tmp_path, checkpoint):
+    from safetensors.torch import save_file
+    path = checkpoint / ckpt.STATE_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    # vsa_skip_sparse dropped the token-type embedding (the data uses one type): no bytes for it
+    assert tensors["predictor/codes.bert.embeddings.token_type_embeddings.weight"].numel() == 0
+    assert tensors["predictor/codes.bert.embeddings.word_embeddings.weight"].numel() > 0
+    info = json.loads(meta["hf_vsa"])
+    info["predictor/active"] = info["predictor/active"] + [10 ** 6]
+    save_file(tensors, str(path), metadata={**meta, "hf_vsa": json.dumps(info)})
+    _, go = resume_error(tmp_path, checkpoint)
+    with pytest.raises(ValueError, match="vsa_state.safetensors: bad predictor/active"):
+        go()
+
+
 def test_wrong_shape_is_refused(tmp_path, checkpoint):
     key = "predictor/codes.bert.embeddings.word_embeddings.weight"
     _rewrite(checkpoint / ckpt.STATE_FILE, lambda t: t.__setitem__(key, torch.zeros(3, 32, dtype=torch.uint8)))

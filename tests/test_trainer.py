@@ -132,8 +132,8 @@ def test_predicted_gradient_is_scaled_by_the_measured_trust(tmp_path, trust):
             e = t.vsa
             if e.phase is Phase.PREDICT and e.corrections:
                 pred = e.predictor.predict(e.step)
-                seen.append([(p.grad.clone(), g, e.tensor_trust[i].item()) for i, (p, g) in enumerate(zip(e.params, pred))
-                             if i in e.predictor.active])
+                seen.append([(e.params[i].grad.clone(), g, e.tensor_trust[i].item())
+                             for i, g in zip(e.predictor.active, pred)])
 
     t = VSATrainer(model=model, args=args(tmp_path, vsa_trust=trust, max_grad_norm=0.0, **NO_BACKWARD),
                    train_dataset=make_dataset(512), callbacks=[Grab()])
@@ -207,8 +207,9 @@ def test_sparse_gradient_tensors_are_neither_predicted_nor_recorded(tmp_path):
     i_emb = next(i for i, p in enumerate(e.params) if p is emb)
     i_dense = next(i for i, p in enumerate(e.params) if p is dense)
     assert i_emb not in e.predictor.active and i_dense in e.predictor.active
-    codes = e.predictor.history.codes  # the default compression's ring: never written for it
-    assert not codes[i_emb].any() and codes[i_dense].any()
+    history = e.predictor.history  # the default compression's ring: freed for it, written for the dense one
+    assert all(getattr(history, b)[i_emb].numel() == 0 for b in history.BUFFERS) and history.codes[i_dense].any()
+    assert e.predictor.rcodes[i_emb].numel() == 0
     predict = [(m_emb, m_dense) for phase, m_emb, m_dense in moved if phase is Phase.PREDICT]
     assert predict and not any(m for m, _ in predict) and all(m for _, m in predict)
     assert all(m_emb for phase, m_emb, _ in moved if phase is not Phase.PREDICT)  # backprop steps update it
@@ -219,4 +220,8 @@ def test_sketch_preset_and_skip_sparse_off_predict_every_tensor(tmp_path):
                    train_dataset=make_dataset(512))
     t.train()
     assert t.vsa.predictor.active == list(range(len(t.vsa.params)))
+    skipped = VSATrainer(model=make_model(), args=args(tmp_path / "skip", **NO_BACKWARD), train_dataset=make_dataset(512))
+    skipped.train()
+    assert len(skipped.vsa.predictor.active) < len(skipped.vsa.params)
+    assert skipped.vsa.state_memory_ratio() < t.vsa.state_memory_ratio()  # the dropped tensors' buffers are freed
     assert VSATrainingArguments(output_dir=str(tmp_path), vsa_preset="sketch").vsa_skip_sparse is False
