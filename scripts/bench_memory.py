@@ -2,7 +2,8 @@
 
 usage:
     python scripts/bench_memory.py                 # MiniLM-L6 + a 106M GPT-2, then 150-step MiniLM runs
-    python scripts/bench_memory.py --skip_training # the gradient measurements only
+    python scripts/bench_memory.py --skip_training # the gradient measurements only (part 1)
+    python scripts/bench_memory.py --training_only # the training runs only (part 2)
     python scripts/bench_memory.py --quick         # tiny models, a few steps (CI smoke test)
 
 Part 1, per model (the MiniLM-L6 encoder of the sentiment task, and a causal LM of >= 100M
@@ -168,13 +169,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="part 1 seed")
     p.add_argument("--seeds", default="0,1,2", help="part 2: comma-separated seeds")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--skip_training", action="store_true")
+    p.add_argument("--skip_training", action="store_true", help="part 1 only")
+    p.add_argument("--training_only", action="store_true", help="part 2 only")
     p.add_argument("--out", default="bench_out/memory.json")
     a = p.parse_args(argv)
     a.seeds = [int(x) for x in a.seeds.split(",")]
     torch.set_num_threads(os.cpu_count() or 1)
     result = {"args": vars(a), "torch": torch.__version__, "models": []}
-    for name, model, batches, lr in models(a):
+    for name, model, batches, lr in ([] if a.training_only else models(a)):
         set_seed(a.seed)
         params, grads = record_gradients(model, batches, lr)
         rows = measure(params, grads, a)
