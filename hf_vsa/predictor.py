@@ -104,10 +104,14 @@ class GradientPredictor:
     def _pick(self, xs):
         return [xs[i] for i in self.active]
 
-    def record(self, grads, t: int) -> bool:
+    def record(self, grads, t: int, finite=None) -> bool:
         """Add the gradient observed at optimizer step t (one per tensor; only the active tensors
-        are recorded); a non-finite one is refused (False)."""
-        if not bool(all_finite(self._pick(grads))):  # host sync: once per recorded (backprop) step
+        are recorded); a non-finite one is refused (False). `finite`: the caller's 0-dim check of
+        the active gradients, when it already has one (saves a pass over them)."""
+        picked = self._pick(grads)
+        if finite is None:
+            finite = all_finite(picked)
+        if not bool(finite):  # host sync: once per recorded (backprop) step
             self.skipped += 1
             logger.warning("hf_vsa: gradient at step %d has inf/nan; not recorded in the prediction history", t)
             return False
@@ -115,7 +119,7 @@ class GradientPredictor:
             self.history.push(grads, t, self.active)
         elif self.kind == "momentum":
             g0 = self._pick(self.g0)
-            torch._foreach_lerp_(g0, [g.to(b.dtype) for g, b in zip(self._pick(grads), g0)], 1.0 - self.momentum)
+            torch._foreach_lerp_(g0, [g.to(b.dtype) for g, b in zip(picked, g0)], 1.0 - self.momentum)
             self.sw = self.sw * self.momentum + (1.0 - self.momentum)  # bias correction, 1 - momentum**n
         else:
             if self.last_t < 0:
@@ -124,9 +128,9 @@ class GradientPredictor:
                 self._move_origin(t)
             u = float(t - self.origin)
             c = self.decay ** -u
-            torch._foreach_add_(self._pick(self.g0), self._pick(grads), alpha=c)
+            torch._foreach_add_(self._pick(self.g0), picked, alpha=c)
             if u:
-                torch._foreach_add_(self._pick(self.g1), self._pick(grads), alpha=c * u)
+                torch._foreach_add_(self._pick(self.g1), picked, alpha=c * u)
             self.sw, self.st, self.stt = self.sw + c, self.st + c * u, self.stt + c * u * u
         self.last_t = t
         return True
@@ -234,7 +238,7 @@ class GradientPredictor:
         trust = self._spread((dots / p2.clamp_min(1e-30)).clamp(0.0, 1.0))
         cosine = (dots.sum() / (a2.sum().sqrt() * p2.sum().sqrt()).clamp_min(1e-30)).clamp(-1.0, 1.0)
         rel_residual = d2.sum().sqrt() / a2.sum().sqrt().clamp_min(1e-30)
-        if self.record(full_grads, t):
+        if self.record(full_grads, t, finite=a2.sum().isfinite()):  # |actual|^2 is finite iff every element is
             if fresh is not None:
                 self._learn_residual(fresh, t)
             return cosine, rel_residual, per_tensor, trust

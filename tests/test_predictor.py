@@ -76,6 +76,10 @@ def test_non_finite_gradients_never_enter_the_history(kind):
     for a, b in zip(after, before):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b)
+    cosine, *_ = pred.correct([torch.ones(3, 4), bad], 3)  # at a CORRECT step too
+    assert pred.skipped == 2 and pred.last_t == 1 and torch.isnan(cosine)
+    for a, b in zip(pred.predict(2), before):
+        torch.testing.assert_close(a, b)
 
 
 def test_correct_learns_decayed_residual_and_reports_cosine():
