@@ -14,8 +14,8 @@ from .controller import Phase
 
 STATE_FILE = "vsa_state.safetensors"
 # Bumped whenever saved state would be read differently (2: VSA keys made from random bytes;
-# predictor `active` tensors).
-STATE_VERSION = 2
+# predictor `active` tensors; 3: the gate's per-tensor streaks, for retirement).
+STATE_VERSION = 3
 # Settings whose change makes saved state meaningless.
 STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum", "vsa_compression",
                   "vsa_history_window", "vsa_compression_block", "vsa_ternary_rounding", "vsa_bundle_size")
@@ -46,6 +46,7 @@ def engine_state(engine, rows=None):
     tensors["engine/rank_local"] = rank_local(engine)[None] if rows is None else rows
     for name in _ENGINE_INTS:
         meta[f"engine/{name}"] = getattr(engine, name)
+    meta["engine/closed"] = list(engine.closed)
     meta["engine/phase"] = -1 if engine.phase is None else int(engine.phase)
     meta["engine/seconds"] = engine.seconds
     meta["controller"] = engine.controller.state_dict()
@@ -123,6 +124,10 @@ def load_engine(engine, directory, rank=0, world=1):
         setattr(engine, name, value.to(dev, getattr(engine, name).dtype))
     for name in _ENGINE_INTS:
         setattr(engine, name, int(meta[f"engine/{name}"]))
+    closed = meta["engine/closed"]
+    if not isinstance(closed, list) or len(closed) != len(engine.params):
+        raise ValueError(f"{path}: engine/closed must list one count per predicted tensor ({len(engine.params)})")
+    engine.closed = [int(c) for c in closed]
     engine.phase = None if meta["engine/phase"] < 0 else Phase(meta["engine/phase"])
     engine.seconds = {k: float(v) for k, v in meta["engine/seconds"].items()}
     engine.controller.load_state_dict(meta["controller"])

@@ -12,7 +12,8 @@ PRESETS = {
     # The method as first sketched (vsa-optim-rs): WLS baseline + velocity, fixed schedule.
     "sketch": dict(vsa_predictor="wls", vsa_warmup_steps=10, vsa_full_steps=5, vsa_predict_steps=20,
                    vsa_correct_every=5, vsa_adaptive_phases=False, vsa_predict_forward=False,
-                   vsa_exact_fraction=0.0, vsa_min_cosine=-1.0, vsa_trust="none", vsa_skip_sparse=False),
+                   vsa_exact_fraction=0.0, vsa_min_cosine=-1.0, vsa_trust="none", vsa_skip_sparse=False,
+                   vsa_retire_after=0),
 }
 # Optimizers that update parameters inside backward: with no backward there is no update at
 # all, and a gradient written into .grad is never read.
@@ -105,6 +106,14 @@ class VSATrainingArguments(TrainingArguments):
                           "is below this gets no update on PREDICT steps (grad=None) until it recovers. In [-1, 1]; "
                           "-1 predicts every tensor."},
     )
+    vsa_retire_after: int = field(
+        default=2,
+        metadata={"help": "A predicted tensor that vsa_min_cosine has kept out at this many consecutive CORRECT "
+                          "steps is retired: it is no longer recorded, compared nor predicted (it changes on "
+                          "backprop steps only), and its history buffers are freed, so the compressor stops "
+                          "spending time and memory on a prediction that has not been good enough to use. "
+                          "0: never retire."},
+    )
     vsa_skip_sparse: bool = field(
         default=True,
         metadata={"help": "Tensors whose first recorded gradient is at least half exact zeros (embedding rows of "
@@ -190,6 +199,8 @@ class VSATrainingArguments(TrainingArguments):
             raise ValueError(f"vsa_loss_threshold must be > 0, got {self.vsa_loss_threshold}")
         if not 0.0 <= self.vsa_exact_fraction < 1.0:
             raise ValueError(f"vsa_exact_fraction must be in [0, 1), got {self.vsa_exact_fraction}")
+        if self.vsa_retire_after < 0:
+            raise ValueError(f"vsa_retire_after must be >= 0 (0: never retire), got {self.vsa_retire_after}")
         if not -1.0 <= self.vsa_min_cosine <= 1.0:
             raise ValueError(f"vsa_min_cosine must be in [-1, 1], got {self.vsa_min_cosine}")
         if self.vsa_predictor not in PREDICTORS:

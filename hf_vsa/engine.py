@@ -32,6 +32,7 @@ class VSAEngine:
         self.params = [p for _, p in named]
         self.predict_mask = [True] * len(self.params)  # host copy, refreshed at CORRECT steps only
         self.trust = [1.0] * len(self.params)  # host copy of the trust factors, likewise
+        self.closed = [0] * len(self.params)  # consecutive CORRECT steps at which the gate kept each tensor out
         self.args = args
         # Averages a device tensor over processes, so every rank takes the same decision.
         self.reduce_mean = reduce_mean or (lambda t: t)
@@ -106,6 +107,8 @@ class VSAEngine:
         grads = self._grads(None if grad_scale is None else 1.0 / grad_scale)
         if self.predictor.last_t < 0 and self.args.vsa_skip_sparse:
             self._drop_sparse(grads)
+        if not self.predictor.active:  # every tensor dropped or retired: nothing to record or compare
+            return
         if self.phase is Phase.CORRECT:
             cosine, rel_residual, per_tensor, trust = self.predictor.correct(grads, self.step)
             self.cosine = cosine
@@ -118,6 +121,7 @@ class VSAEngine:
             rel, *per = torch.cat([rel_residual.reshape(1), self.tensor_cosine, self.tensor_trust]).tolist()
             self.controller.report_residual(rel)
             self.refresh_mask(per)
+            self._retire()
         else:
             self.predictor.record(grads, self.step)
 
@@ -132,6 +136,20 @@ class VSAEngine:
             logger.info("hf_vsa: %d of %d tensors have mostly zero gradients and are not predicted (vsa_skip_sparse): %s",
                         len(grads) - len(dense), len(grads), [n for i, n in enumerate(self.names) if i not in dense])
             self.refresh_mask()
+
+    def _retire(self):
+        """After a CORRECT step: a tracked tensor the gate has kept out at vsa_retire_after
+        consecutive CORRECT steps stops being tracked (no record, no comparison, buffers freed).
+        Host lists only; every rank decides the same from the same synchronised gradients."""
+        for i in self.predictor.active:
+            self.closed[i] = 0 if self.predict_mask[i] else self.closed[i] + 1
+        after = self.args.vsa_retire_after
+        retired = [i for i in self.predictor.active if after and self.closed[i] >= after]
+        if retired:
+            self.predictor.set_active(sorted(set(self.predictor.active) - set(retired)))
+            logger.info("hf_vsa: step %d: %d tensors retired (prediction cosine below vsa_min_cosine at %d CORRECT "
+                        "steps in a row), %d still tracked: %s", self.step, len(retired), after,
+                        len(self.predictor.active), [self.names[i] for i in retired])
 
     def write_prediction(self, grad_scale=None):
         """Last micro-batch of a PREDICT step: the predicted gradient goes into .grad, on the
@@ -203,6 +221,7 @@ class VSAEngine:
         out["vsa/speedup_estimate"] = (steps * bw_time / backward / total) if backward and total else 1.0
         out["vsa/nonfinite_records_skipped"] = self.predictor.skipped
         out["vsa/predicted_tensor_fraction"] = sum(self.predict_mask) / len(self.predict_mask)
+        out["vsa/tracked_tensor_fraction"] = len(self.predictor.active) / len(self.params)
         out["vsa/state_memory_ratio"] = self.state_memory_ratio()
         return out
 

@@ -84,11 +84,12 @@ class GradientPredictor:
         self.skipped = 0
 
     def set_active(self, active):
-        """Track only the tensors in `active` (indices into params, increasing); the others' buffers
-        are freed (left as empty tensors), so they cost no state memory."""
+        """Track only the tensors in `active` (indices into params; may be none); the others' buffers
+        are freed (left as empty tensors), so they cost no state memory. A freed tensor cannot come
+        back: its history is gone."""
         active = sorted({int(i) for i in active})
-        if not active or active[0] < 0 or active[-1] >= len(self.params):
-            raise ValueError(f"predictor active indices must be a non-empty subset of 0..{len(self.params) - 1}, "
+        if active and (active[0] < 0 or active[-1] >= len(self.params)):
+            raise ValueError(f"predictor active indices must be a subset of 0..{len(self.params) - 1}, "
                              f"got {active[:5]}...")
         self.active = active
         keep = set(active)
@@ -109,6 +110,9 @@ class GradientPredictor:
         are recorded); a non-finite one is refused (False). `finite`: the caller's 0-dim check of
         the active gradients, when it already has one (saves a pass over them)."""
         picked = self._pick(grads)
+        if not picked:  # every tensor dropped or retired: nothing left to record
+            self.last_t = t
+            return True
         if finite is None:
             finite = all_finite(picked)
         if not bool(finite):  # host sync: once per recorded (backprop) step

@@ -38,6 +38,7 @@ def losses(t, start=0):
 VARIANTS = {"accum1": dict(gradient_accumulation_steps=1), "accum2": dict(gradient_accumulation_steps=2),
             "partial_gated": dict(gradient_accumulation_steps=1, vsa_exact_fraction=0.3, vsa_min_cosine=0.0),
             "uncompressed": dict(vsa_compression="none"),
+            "retiring": dict(vsa_min_cosine=0.1, vsa_retire_after=1),  # tensors retire at every CORRECT step
             "vsa_stochastic_accum": dict(gradient_accumulation_steps=2, vsa_compression="vsa", vsa_bundle_size=2,
                                          vsa_ternary_rounding="stochastic", vsa_ternary_accumulation=True)}
 
@@ -56,6 +57,7 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, straight, at):
     assert t.vsa.phases[at - 1] == {2: "WARMUP", 7: "PREDICT", 8: "CORRECT"}[at]
     resumed_model, r = train(tmp_path, resume=str(out / f"checkpoint-{at}"), **kw)
     assert r.vsa.predict_mask == t.vsa.predict_mask
+    assert r.vsa.predictor.active == t.vsa.predictor.active
     assert r.vsa.phases == t.vsa.phases[at:]
     assert r.vsa.controller.counts == t.vsa.controller.counts  # statistics cover the whole run
     assert losses(r, at) == losses(t, at)
@@ -138,32 +140,40 @@ def _rewrite(path, edit):
     save_file(tensors, str(path), metadata=meta)
 
 
-def test_state_from_another_format_version_is_refused(tmp_path, checkpoint):
+def _rewrite_info(path, edit):
+    """Edit the hf_vsa JSON metadata of a state file in place."""
     from safetensors.torch import save_file
-    path = checkpoint / ckpt.STATE_FILE
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     info = json.loads(meta["hf_vsa"])
-    del info["version"]  # as written before the format had a version
+    edit(info)
     save_file(tensors, str(path), metadata={**meta, "hf_vsa": json.dumps(info)})
+
+
+def test_state_from_another_format_version_is_refused(tmp_path, checkpoint):
+    _rewrite_info(checkpoint / ckpt.STATE_FILE, lambda info: info.pop("version"))  # as before versions existed
     _, go = resume_error(tmp_path, checkpoint)
     with pytest.raises(ValueError, match="vsa_state.safetensors: VSA state format version None"):
         go()
 
 
 def test_untracked_tensors_are_saved_empty_and_a_bad_tracked_list_is_refused(tmp_path, checkpoint):
-    from safetensors.torch import save_file
     path = checkpoint / ckpt.STATE_FILE
     with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     # vsa_skip_sparse dropped the token-type embedding (the data uses one type): no bytes for it
     assert tensors["predictor/codes.bert.embeddings.token_type_embeddings.weight"].numel() == 0
     assert tensors["predictor/codes.bert.embeddings.word_embeddings.weight"].numel() > 0
-    info = json.loads(meta["hf_vsa"])
-    info["predictor/active"] = info["predictor/active"] + [10 ** 6]
-    save_file(tensors, str(path), metadata={**meta, "hf_vsa": json.dumps(info)})
+    _rewrite_info(path, lambda info: info["predictor/active"].append(10 ** 6))
     _, go = resume_error(tmp_path, checkpoint)
     with pytest.raises(ValueError, match="vsa_state.safetensors: bad predictor/active"):
+        go()
+
+
+def test_bad_retirement_counts_are_refused(tmp_path, checkpoint):
+    _rewrite_info(checkpoint / ckpt.STATE_FILE, lambda info: info["engine/closed"].pop())
+    _, go = resume_error(tmp_path, checkpoint)
+    with pytest.raises(ValueError, match="vsa_state.safetensors: engine/closed must list one count per"):
         go()
 
 

@@ -225,3 +225,73 @@ def test_sketch_preset_and_skip_sparse_off_predict_every_tensor(tmp_path):
     assert len(skipped.vsa.predictor.active) < len(skipped.vsa.params)
     assert skipped.vsa.state_memory_ratio() < t.vsa.state_memory_ratio()  # the dropped tensors' buffers are freed
     assert VSATrainingArguments(output_dir=str(tmp_path), vsa_preset="sketch").vsa_skip_sparse is False
+
+
+class GateLog(TrainerCallback):
+    """After each CORRECT step: the gate's mask and the tensors still tracked."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_step_end(self, args, state, control, **kw):
+        e = self.trainer.vsa
+        if e.phase is Phase.CORRECT:
+            self.rows.append((list(e.predict_mask), list(e.predictor.active)))
+
+
+def test_tensors_the_gate_keeps_out_retire_after_consecutive_corrections(tmp_path):
+    log = GateLog()
+    t = VSATrainer(model=make_model(), args=args(tmp_path, max_steps=60, vsa_min_cosine=0.1, vsa_retire_after=2,
+                                                 **SCHEDULE),
+                   train_dataset=make_dataset(512), callbacks=[log])
+    log.trainer = t
+    t.train()
+    e = t.vsa
+    tracked, streak = set(log.rows[0][1]), {}  # nothing retires at the first CORRECT step
+    retired_any = False
+    for mask, active in log.rows:
+        for i in sorted(tracked):
+            streak[i] = 0 if mask[i] else streak.get(i, 0) + 1
+        expected = {i for i in tracked if streak[i] < 2}
+        retired_any |= expected != tracked
+        assert set(active) == expected
+        tracked = expected
+    assert retired_any and tracked  # the rule retired some tensors and kept others
+    history = e.predictor.history
+    for i in set(range(len(e.params))) - tracked:  # a retired tensor's buffers are freed...
+        assert all(getattr(history, b)[i].numel() == 0 for b in history.BUFFERS)
+        assert not e.predict_mask[i]  # ...and it is never predicted again
+    assert t.state.log_history[-2]["vsa/tracked_tensor_fraction"] == len(tracked) / len(e.params)
+
+
+def test_retired_tensors_move_on_backprop_steps_only(tmp_path):
+    model, low = make_model(), []
+    lower = model.bert.encoder.layer[0].attention.self.query.weight  # a predicted (tracked) tensor
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            self.before = lower.detach().clone()
+
+        def on_step_end(self, *a, **kw):
+            low.append((t.vsa.phase, not torch.equal(self.before, lower), list(t.vsa.predictor.active)))
+
+    # A gate nothing passes: every tracked tensor retires at the second CORRECT step.
+    t = VSATrainer(model=model, args=args(tmp_path, max_steps=40, vsa_min_cosine=1.0, vsa_retire_after=2,
+                                          vsa_skip_sparse=False, **SCHEDULE),
+                   train_dataset=make_dataset(512), callbacks=[Watch()])
+    t.train()
+    corrects = [k for k, (phase, _, _) in enumerate(low) if phase is Phase.CORRECT]
+    assert low[corrects[0]][2] and low[corrects[1]][2] == []  # all tracked after one, none after two
+    after = low[corrects[1] + 1:]
+    assert any(p is Phase.PREDICT for p, _, _ in after)
+    assert all(moved == (phase is not Phase.PREDICT) for phase, moved, _ in after)
+    assert t.vsa.state_memory_ratio() < 1e-3  # every buffer freed
+
+
+@pytest.mark.parametrize("kw", [dict(vsa_retire_after=0), dict(vsa_min_cosine=-1.0)], ids=["retire_off", "gate_off"])
+def test_nothing_retires_when_retirement_or_the_gate_is_off(tmp_path, kw):
+    base = dict(vsa_min_cosine=1.0, vsa_retire_after=2, vsa_skip_sparse=False, **SCHEDULE)
+    t = VSATrainer(model=make_model(), args=args(tmp_path, max_steps=40, **{**base, **kw}),
+                   train_dataset=make_dataset(512))
+    t.train()
+    assert t.vsa.predictor.active == list(range(len(t.vsa.params)))
