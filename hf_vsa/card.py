@@ -31,7 +31,8 @@ def render_section(engine, args, plot=None) -> str:
         steps=engine.controller.step, counts=engine.controller.counts, seconds=engine.seconds,
         total_seconds=sum(engine.seconds.values()), backward_fraction=stats["vsa/backward_fraction"],
         speedup=stats["vsa/speedup_estimate"], cosine="n/a" if cosine != cosine else f"{cosine:.3f}",
-        memory_ratio=stats["vsa/state_memory_ratio"], predict_how=how, plot=plot,
+        memory_ratio=stats["vsa/state_memory_ratio"],
+        memory_peak=stats["vsa/state_memory_peak_ratio"], predict_how=how, plot=plot,
         config={f.name: getattr(args, f.name) for f in fields(args) if f.name.startswith("vsa_")},
         versions=_versions())
 

@@ -66,6 +66,8 @@ class VSAEngine:
         self.log_loss, self.log_n = torch.zeros((), device=dev), 0
         self.seconds = {p.name: 0.0 for p in Phase}
         self.phases = []  # phase names of the steps run by this process (not checkpointed)
+        # Buffers only shrink after this (dropped or retired tensors), so this is the peak.
+        self.peak_state_ratio = self.state_memory_ratio()
 
     # ---- per optimizer step ----------------------------------------------------------------
     def begin_step(self, global_step: int) -> Phase:
@@ -223,6 +225,7 @@ class VSAEngine:
         out["vsa/predicted_tensor_fraction"] = sum(self.predict_mask) / len(self.predict_mask)
         out["vsa/tracked_tensor_fraction"] = len(self.predictor.active) / len(self.params)
         out["vsa/state_memory_ratio"] = self.state_memory_ratio()
+        out["vsa/state_memory_peak_ratio"] = self.peak_state_ratio
         return out
 
     def state_memory_ratio(self) -> float:

@@ -92,8 +92,8 @@ def main(argv=None):
     print(f"final eval loss        {metrics['eval_loss']:.4f}")
     print(f"final eval accuracy    {metrics['eval_accuracy']:.4f}")
     if not script.baseline and args.vsa_enabled:
-        print(f"VSA state memory       {trainer.vsa.state_memory_ratio():.2f}x the trainable parameters' fp32 bytes "
-              f"(vsa_compression={args.vsa_compression})")
+        print(f"VSA state memory       {trainer.vsa.peak_state_ratio:.2f}x the trainable parameters' fp32 bytes "
+              f"at the start, {trainer.vsa.state_memory_ratio():.2f}x at the end (vsa_compression={args.vsa_compression})")
     return metrics
 
 
