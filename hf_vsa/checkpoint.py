@@ -125,9 +125,11 @@ def load_engine(engine, directory, rank=0, world=1):
     for name in _ENGINE_INTS:
         setattr(engine, name, int(meta[f"engine/{name}"]))
     closed = meta["engine/closed"]
-    if not isinstance(closed, list) or len(closed) != len(engine.params):
-        raise ValueError(f"{path}: engine/closed must list one count per predicted tensor ({len(engine.params)})")
-    engine.closed = [int(c) for c in closed]
+    if (not isinstance(closed, list) or len(closed) != len(engine.params)
+            or not all(isinstance(c, int) and c >= 0 for c in closed)):
+        raise ValueError(f"{path}: engine/closed must list one count per predicted tensor ({len(engine.params)} "
+                         f"ints >= 0), got {str(closed)[:80]}")
+    engine.closed = closed
     engine.phase = None if meta["engine/phase"] < 0 else Phase(meta["engine/phase"])
     engine.seconds = {k: float(v) for k, v in meta["engine/seconds"].items()}
     engine.controller.load_state_dict(meta["controller"])

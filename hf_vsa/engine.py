@@ -132,12 +132,10 @@ class VSAEngine:
         tokens absent from the batch) are never predicted nor recorded; they change on backprop
         steps only. Their prediction would move rows the batch never touched."""
         zeros = torch.stack([(g == 0).sum().float() / g.numel() for g in grads])
-        dense = [i for i, z in enumerate(zeros.tolist()) if z < 0.5]  # host sync: once, at the first record
-        if dense and len(dense) < len(grads):
-            self.predictor.set_active(dense)
-            logger.info("hf_vsa: %d of %d tensors have mostly zero gradients and are not predicted (vsa_skip_sparse): %s",
-                        len(grads) - len(dense), len(grads), [n for i, n in enumerate(self.names) if i not in dense])
-            self.refresh_mask()
+        zeros = zeros.tolist()  # host sync: once, at the first record
+        sparse = [i for i, z in enumerate(zeros) if z >= 0.5]
+        if sparse and len(sparse) < len(zeros):
+            self._untrack(sparse, "not tracked: mostly zero gradients (vsa_skip_sparse)")
 
     def _retire(self):
         """After a CORRECT step: a tracked tensor the gate has kept out at vsa_retire_after
@@ -148,10 +146,15 @@ class VSAEngine:
         after = self.args.vsa_retire_after
         retired = [i for i in self.predictor.active if after and self.closed[i] >= after]
         if retired:
-            self.predictor.set_active(sorted(set(self.predictor.active) - set(retired)))
-            logger.info("hf_vsa: step %d: %d tensors retired (prediction cosine below vsa_min_cosine at %d CORRECT "
-                        "steps in a row), %d still tracked: %s", self.step, len(retired), after,
-                        len(self.predictor.active), [self.names[i] for i in retired])
+            self._untrack(retired, f"retired: prediction cosine below vsa_min_cosine at {after} CORRECT steps in a row")
+
+    def _untrack(self, indices, why):
+        """Stop predicting and recording these tensors and free their buffers (no way back)."""
+        self.predictor.set_active(sorted(set(self.predictor.active) - set(indices)))
+        for i in indices:
+            self.predict_mask[i] = False
+        logger.info("hf_vsa: step %d: %d tensors %s; %d of %d still tracked: %s", self.step, len(indices), why,
+                    len(self.predictor.active), len(self.params), [self.names[i] for i in indices])
 
     def write_prediction(self, grad_scale=None):
         """Last micro-batch of a PREDICT step: the predicted gradient goes into .grad, on the

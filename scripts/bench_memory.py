@@ -173,6 +173,8 @@ def main(argv=None):
     p.add_argument("--training_only", action="store_true", help="part 2 only")
     p.add_argument("--out", default="bench_out/memory.json")
     a = p.parse_args(argv)
+    if a.skip_training and a.training_only:
+        p.error("--skip_training and --training_only exclude each other (together they would run nothing)")
     a.seeds = [int(x) for x in a.seeds.split(",")]
     torch.set_num_threads(os.cpu_count() or 1)
     result = {"args": vars(a), "torch": torch.__version__, "models": []}

@@ -170,8 +170,13 @@ def test_untracked_tensors_are_saved_empty_and_a_bad_tracked_list_is_refused(tmp
         go()
 
 
-def test_bad_retirement_counts_are_refused(tmp_path, checkpoint):
-    _rewrite_info(checkpoint / ckpt.STATE_FILE, lambda info: info["engine/closed"].pop())
+def _negative_count(info):
+    info["engine/closed"][0] = -1
+
+
+@pytest.mark.parametrize("edit", [lambda info: info["engine/closed"].pop(), _negative_count], ids=["short", "negative"])
+def test_bad_retirement_counts_are_refused(tmp_path, checkpoint, edit):
+    _rewrite_info(checkpoint / ckpt.STATE_FILE, edit)
     _, go = resume_error(tmp_path, checkpoint)
     with pytest.raises(ValueError, match="vsa_state.safetensors: engine/closed must list one count per"):
         go()
