@@ -112,6 +112,16 @@ class PhaseController:
         else:
             self.residual_mean += (rel_residual - self.residual_mean) / min(self.corrections, 10)
 
+    def records_before_read(self) -> float:
+        """After a backprop step: how many more backprop steps come before the predictor is next
+        read (the next PREDICT block). Known from the schedule alone: FULL lengths change only at
+        the end of a PREDICT block."""
+        if self.block is Phase.WARMUP:
+            return self.left + self.full if self.predict > 0 else math.inf
+        if self.block is Phase.FULL:
+            return self.left if self.predict > 0 else math.inf
+        return 0
+
     @property
     def backward_steps(self) -> int:
         return self.step - self.counts["PREDICT"]

@@ -30,7 +30,7 @@ class VSAEngine:
             raise ValueError("vsa_exact_fraction leaves no tensor to predict; lower it")
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.predict_mask = [True] * len(self.params)  # host copy, refreshed at CORRECT steps only
+        self.predict_mask = [args.vsa_min_cosine <= -1.0] * len(self.params)  # host copy, refreshed at CORRECT steps only
         self.trust = [1.0] * len(self.params)  # host copy of the trust factors, likewise
         self.closed = [0] * len(self.params)  # consecutive CORRECT steps at which the gate kept each tensor out
         self.args = args
@@ -106,6 +106,11 @@ class VSAEngine:
 
     def after_backward(self, grad_scale=None):
         """Last micro-batch of a backprop step: record the accumulated, synchronised gradient."""
+        history = self.predictor.history
+        if history is not None and self.controller.records_before_read() >= history.window:
+            # A ring of `window` records: this one would be pushed out before anything reads it
+            # (the first WARMUP steps, or a FULL block longer than the window), so skip its cost.
+            return
         grads = self._grads(None if grad_scale is None else 1.0 / grad_scale)
         if self.predictor.last_t < 0 and self.args.vsa_skip_sparse:
             self._drop_sparse(grads)
@@ -186,13 +191,14 @@ class VSAEngine:
         per-tensor cosines and trust factors (`per`: both lists, concatenated)."""
         n = len(self.params)
         active = set(self.predictor.active)
-        if self.corrections == 0:
-            self.predict_mask, self.trust = [i in active for i in range(n)], [1.0] * n
+        gate_off = self.args.vsa_min_cosine <= -1.0
+        if self.corrections == 0:  # nothing measured yet: only an open gate admits a tensor
+            self.predict_mask, self.trust = [gate_off and i in active for i in range(n)], [1.0] * n
             return
         if per is None:  # host sync: only when state is loaded
             per = torch.cat([self.tensor_cosine, self.tensor_trust]).tolist()
         tensor_cos, self.trust = per[:n], per[n:]
-        self.predict_mask = [i in active and (self.args.vsa_min_cosine <= -1.0 or c >= self.args.vsa_min_cosine)
+        self.predict_mask = [i in active and (gate_off or c >= self.args.vsa_min_cosine)
                              for i, c in enumerate(tensor_cos)]
 
     @property

@@ -119,6 +119,7 @@ def run_one(name, overrides, a):
             "peak_rss_bytes": clock.peak_rss,
             "prediction_cosine_mean": vsa.get("vsa/prediction_cosine_mean"),
             "state_memory_ratio": vsa.get("vsa/state_memory_ratio"),
+            "state_memory_peak_ratio": vsa.get("vsa/state_memory_peak_ratio"),
             "tracked_tensor_fraction": vsa.get("vsa/tracked_tensor_fraction"),
             "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
 

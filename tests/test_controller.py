@@ -81,3 +81,16 @@ def test_counts_and_state_dict_round_trip():
     assert a.counts == b.counts and sum(a.counts.values()) == 53
     with pytest.raises(KeyError, match="missing"):
         b.load_state_dict({"step": 1})
+
+
+def test_records_before_read_counts_the_backprop_steps_left_before_a_predict_block():
+    c = PhaseController(warmup_steps=3, full_steps=2, predict_steps=4, correct_every=2, min_history=3, adaptive=False)
+    got = []
+    for _ in range(11):
+        p = c.next_phase()
+        got.append((p.name[0], c.records_before_read()))
+    assert got == [("W", 4), ("W", 3), ("W", 2), ("F", 1), ("F", 0), ("P", 0), ("C", 0), ("P", 0), ("P", 0),
+                   ("F", 1), ("F", 0)]
+    never = PhaseController(warmup_steps=1, full_steps=2, predict_steps=0, min_history=1, adaptive=False)
+    never.next_phase()
+    assert never.records_before_read() == float("inf")  # nothing ever reads the predictor

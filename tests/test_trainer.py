@@ -295,3 +295,50 @@ def test_nothing_retires_when_retirement_or_the_gate_is_off(tmp_path, kw):
                    train_dataset=make_dataset(512))
     t.train()
     assert t.vsa.predictor.active == list(range(len(t.vsa.params)))
+
+
+@pytest.mark.parametrize("kind", ["none", "ternary", "vsa"])
+def test_a_ring_records_only_the_steps_it_still_holds_when_read(tmp_path, monkeypatch, kind):
+    from hf_vsa.predictor import GradientPredictor
+    recorded, record = [], GradientPredictor.record
+
+    def spy(self, grads, t, finite=None):
+        recorded.append(t)
+        return record(self, grads, t, finite)
+
+    monkeypatch.setattr(GradientPredictor, "record", spy)
+    # WARMUP 6 + FULL 2: 8 backprop steps before the first read; a ring of 4 holds the last 4.
+    sched = dict(SCHEDULE, vsa_warmup_steps=6, vsa_history_window=4, vsa_bundle_size=2)
+    t = VSATrainer(model=make_model(), args=args(tmp_path, vsa_compression=kind, **sched),
+                   train_dataset=make_dataset(512))
+    t.train()
+    phases = t.vsa.phases
+    first_read = phases.index("PREDICT")
+    backprop = [k for k, p in enumerate(phases) if p != "PREDICT"]
+    if kind == "none":  # running sums: every record keeps a (decayed) weight in the fit
+        assert recorded == backprop
+    else:  # later FULL blocks (2 steps) are shorter than the ring: only the first 4 steps are skipped
+        assert recorded == [k for k in backprop if k >= first_read - 4]
+        assert len(t.vsa.predictor.history.filled()) == 4
+
+
+@pytest.mark.parametrize("gate", [-0.99, -1.0], ids=["gate_on", "gate_off"])
+def test_no_tensor_is_predicted_before_its_prediction_is_measured(tmp_path, gate):
+    seen = []
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, *a, **kw):
+            e = t.vsa
+            if e.phase is Phase.PREDICT:
+                seen.append((e.corrections, sum(p.grad is not None for p in e.params)))
+
+    t = VSATrainer(model=make_model(), args=args(tmp_path, vsa_min_cosine=gate, vsa_retire_after=0, **SCHEDULE),
+                   train_dataset=make_dataset(512), callbacks=[Grab()])
+    t.train()
+    before = [n for c, n in seen if c == 0]
+    after = [n for c, n in seen if c > 0]
+    assert before and after
+    if gate > -1.0:  # the gate admits only what a CORRECT step has measured
+        assert before == [0] * len(before) and max(after) > 0
+    else:  # gate off (the sketch preset): every tensor is predicted from the first PREDICT step
+        assert before == [len(t.vsa.predictor.active)] * len(before)  # (vsa_skip_sparse drops the embedding)
