@@ -14,8 +14,9 @@ from .controller import Phase
 
 STATE_FILE = "vsa_state.safetensors"
 # Bumped whenever saved state would be read differently (2: VSA keys made from random bytes;
-# predictor `active` tensors; 3: the gate's per-tensor streaks, for retirement).
-STATE_VERSION = 3
+# predictor `active` tensors; 3: the gate's per-tensor streaks, for retirement; 4: buffers allocated at
+# the first record, and the peak state ratio).
+STATE_VERSION = 4
 # Settings whose change makes saved state meaningless.
 STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum", "vsa_compression",
                   "vsa_history_window", "vsa_compression_block", "vsa_ternary_rounding", "vsa_bundle_size")
@@ -47,6 +48,7 @@ def engine_state(engine, rows=None):
     for name in _ENGINE_INTS:
         meta[f"engine/{name}"] = getattr(engine, name)
     meta["engine/closed"] = list(engine.closed)
+    meta["engine/peak_state_ratio"] = engine.peak_state_ratio
     meta["engine/phase"] = -1 if engine.phase is None else int(engine.phase)
     meta["engine/seconds"] = engine.seconds
     meta["controller"] = engine.controller.state_dict()
@@ -94,6 +96,8 @@ def load_engine(engine, directory, rank=0, world=1):
         engine.predictor.set_active(meta["predictor/active"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad predictor/active ({type(e).__name__}: {e})") from e
+    if any(v.numel() for k, v in tensors.items() if k.startswith("predictor/")):
+        engine.predictor.allocate()  # saved after the first record: the buffers exist
     expected, _ = engine_state(engine)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -130,6 +134,7 @@ def load_engine(engine, directory, rank=0, world=1):
         raise ValueError(f"{path}: engine/closed must list one count per predicted tensor ({len(engine.params)} "
                          f"ints >= 0), got {str(closed)[:80]}")
     engine.closed = closed
+    engine.peak_state_ratio = float(meta["engine/peak_state_ratio"])
     engine.phase = None if meta["engine/phase"] < 0 else Phase(meta["engine/phase"])
     engine.seconds = {k: float(v) for k, v in meta["engine/seconds"].items()}
     engine.controller.load_state_dict(meta["controller"])

@@ -159,16 +159,27 @@ class CompressedHistory:
         self.kind, self.window, self.block, self.rounding, self.seed = kind, window, block, rounding, seed
         self.bundle = min(bundle, window) if kind == "vsa" else 1
         self.bits = 4 if kind == "vsa" else 2
-        slots = -(-window // self.bundle)
+        self.slots = -(-window // self.bundle)
         dev = self.params[0].device
-        self.codes = [torch.zeros(slots, packed_bytes(p.numel(), block, self.bits), dtype=torch.uint8, device=dev)
-                      for p in self.params]
-        self.scales = [torch.zeros(window, blocks_of(p.numel(), block), device=dev) for p in self.params]
-        self.error = [torch.zeros(blocks_of(p.numel(), block) * block, dtype=torch.int8, device=dev)
-                      for p in self.params]
-        self.error_scales = [torch.zeros(blocks_of(p.numel(), block), device=dev) for p in self.params]
+        # Empty until allocate(): tensors dropped before the first record never cost memory.
+        self.codes = [torch.zeros(0, dtype=torch.uint8, device=dev) for _ in self.params]
+        self.scales = [torch.zeros(0, device=dev) for _ in self.params]
+        self.error = [torch.zeros(0, dtype=torch.int8, device=dev) for _ in self.params]
+        self.error_scales = [torch.zeros(0, device=dev) for _ in self.params]
         self.times = [-1] * window
         self.next = 0  # the slot the next record goes to
+
+    def allocate(self, index):
+        """Full-size buffers for the tensors in `index` that have none yet."""
+        for i in index:
+            if self.codes[i].numel():
+                continue
+            n, dev = self.params[i].numel(), self.params[i].device
+            self.codes[i] = torch.zeros(self.slots, packed_bytes(n, self.block, self.bits), dtype=torch.uint8,
+                                        device=dev)
+            self.scales[i] = torch.zeros(self.window, blocks_of(n, self.block), device=dev)
+            self.error[i] = torch.zeros(blocks_of(n, self.block) * self.block, dtype=torch.int8, device=dev)
+            self.error_scales[i] = torch.zeros(blocks_of(n, self.block), device=dev)
 
     def _generator(self, *parts):
         gen = torch.Generator(device=self.params[0].device)
@@ -182,6 +193,7 @@ class CompressedHistory:
     def push(self, grads, t: int, index=None):
         """Store the gradients of step t (one per tensor) in the oldest slot (for vsa: a new bundle
         drops the oldest whole bundle); only the tensors in `index` (all: None) are stored."""
+        self.allocate(range(len(self.params)) if index is None else index)
         k = self.next
         b, first = divmod(k, self.bundle)[0], k % self.bundle == 0
         if first:  # the slots of the bundle being overwritten are gone

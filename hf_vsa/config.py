@@ -103,8 +103,8 @@ class VSATrainingArguments(TrainingArguments):
     vsa_min_cosine: float = field(
         default=0.2,
         metadata={"help": "A predicted tensor whose prediction cosine, measured at CORRECT steps (running mean), "
-                          "is below this gets no update on PREDICT steps (grad=None) until it recovers. In [-1, 1]; "
-                          "-1 predicts every tensor."},
+                          "is below this, or that no CORRECT step has measured yet, gets no update on PREDICT steps "
+                          "(grad=None) until it recovers. In [-1, 1]; -1 predicts every tensor from the start."},
     )
     vsa_retire_after: int = field(
         default=2,

@@ -66,7 +66,8 @@ class VSAEngine:
         self.log_loss, self.log_n = torch.zeros((), device=dev), 0
         self.seconds = {p.name: 0.0 for p in Phase}
         self.phases = []  # phase names of the steps run by this process (not checkpointed)
-        # Buffers only shrink after this (dropped or retired tensors), so this is the peak.
+        # Largest state so far: buffers are allocated at the first record (after vsa_skip_sparse
+        # has dropped tensors) and only shrink after it (retired tensors).
         self.peak_state_ratio = self.state_memory_ratio()
 
     # ---- per optimizer step ----------------------------------------------------------------
@@ -131,6 +132,7 @@ class VSAEngine:
             self._retire()
         else:
             self.predictor.record(grads, self.step)
+            self.peak_state_ratio = max(self.peak_state_ratio, self.state_memory_ratio())  # host arithmetic only
 
     def _drop_sparse(self, grads):
         """Before the first record: tensors whose gradient is mostly exact zeros (embedding rows of

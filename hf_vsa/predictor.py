@@ -10,8 +10,8 @@ adds and nothing old is rescaled; the origin moves forward (one rescale) before 
     G0 = sum c g,  G1 = sum c u g                     (one buffer each per tensor)
 
 and Cramer's rule gives the prediction at u as a0 * G0 + a1 * G1. Memory: 2x the tracked tensors
-(fp32), plus 1x for the residual, whatever the history length. The 'momentum' kind keeps one
-bias-corrected EMA buffer instead.
+(fp32), plus 1x for the residual, whatever the history length, allocated at the first record. The
+'momentum' kind keeps one bias-corrected EMA buffer instead.
 
 With compression ('ternary' or 'vsa', see compress.py) the running sums are replaced by a ring of
 the last `window` records in compressed form (compressed sums would gather rounding error at every
@@ -25,7 +25,7 @@ import logging
 
 import torch
 
-from .compress import CompressedHistory, dequantize, packed_bytes, ternary_pack
+from .compress import CompressedHistory, blocks_of, dequantize, packed_bytes, ternary_pack
 
 logger = logging.getLogger(__name__)
 KINDS = ("wls", "momentum")
@@ -60,28 +60,47 @@ class GradientPredictor:
             raise ValueError("GradientPredictor needs at least one tensor to track")
         self.kind, self.decay, self.residual_decay, self.momentum = kind, decay, residual_decay, momentum
         self.block = block
-
-        def buffers():
-            return [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in self.params]
-
         self.history = None
-        self.g0, self.g1, self.residual, self.rcodes, self.rscales = [], [], [], [], []
         if compression == "none":
-            self.g0 = buffers()
-            self.g1 = buffers() if kind == "wls" else []
-            self.residual = buffers() if residual_decay > 0 else []
+            used = ["g0"] + (["g1"] if kind == "wls" else []) + (["residual"] if residual_decay > 0 else [])
         else:
             self.history = CompressedHistory(self.params, compression, window, block, rounding, bundle, seed)
-            if residual_decay > 0:
-                self.rcodes = [torch.zeros(packed_bytes(p.numel(), block), dtype=torch.uint8, device=p.device)
-                               for p in self.params]
-                self.rscales = [torch.zeros_like(s[0]) for s in self.history.scales]
+            used = ["rcodes", "rscales"] if residual_decay > 0 else []
+        # Buffers are allocated at the first record (see allocate), so tensors dropped before it
+        # never cost memory; until then each is an empty tensor of the right dtype.
+        for name in self._BUFFERS:
+            setattr(self, name, [self._buffer(name, i, empty=True) for i in range(len(self.params))]
+                    if name in used else [])
+        self._allocated = False
         self.active = list(range(len(self.params)))  # the tensors recorded and compared
         self.sw = self.st = self.stt = 0.0
         self.origin = 0
         self.last_t = -1  # newest record; -1: none yet
         self.residual_t = -1  # when the residual was learned; -1: none yet
         self.skipped = 0
+
+    def _buffer(self, name, i, empty=False):
+        p = self.params[i]
+        if name == "rcodes":
+            return torch.zeros(0 if empty else packed_bytes(p.numel(), self.block), dtype=torch.uint8, device=p.device)
+        if name == "rscales":
+            return torch.zeros(0 if empty else blocks_of(p.numel(), self.block), device=p.device)
+        dtype = torch.promote_types(p.dtype, torch.float32)  # g0, g1, residual
+        return p.new_zeros(0, dtype=dtype) if empty else torch.zeros_like(p, dtype=dtype)
+
+    def allocate(self):
+        """Full-size buffers for the active tensors, once (at the first record, or when state
+        holding records is loaded)."""
+        if self._allocated:
+            return
+        for name in self._BUFFERS:
+            xs = getattr(self, name)
+            for i in self.active:
+                if xs and not xs[i].numel():
+                    xs[i] = self._buffer(name, i)
+        if self.history is not None:
+            self.history.allocate(self.active)
+        self._allocated = True
 
     def set_active(self, active):
         """Track only the tensors in `active` (indices into params; may be none); the others' buffers
@@ -119,6 +138,7 @@ class GradientPredictor:
             self.skipped += 1
             logger.warning("hf_vsa: gradient at step %d has inf/nan; not recorded in the prediction history", t)
             return False
+        self.allocate()
         if self.history is not None:
             self.history.push(grads, t, self.active)
         elif self.kind == "momentum":
@@ -156,6 +176,7 @@ class GradientPredictor:
     def predict_base(self, t: int, index=None):
         """The fit at step t without the residual, for the tensors in `index` (None: the active
         ones, i.e. all unless some were dropped); fresh fp32 (or wider) tensors."""
+        self.allocate()  # (no record yet: the zero buffers predict zero)
         index = self.active if index is None else index
         pick = lambda xs: [xs[i] for i in index]  # noqa: E731
         if self.history is not None:
@@ -286,6 +307,8 @@ class GradientPredictor:
             if freed:
                 raise ValueError(f"predictor state active: tensors {freed[:5]} are tracked in the state but not here")
             self.set_active(active)  # the shapes below depend on it
+        if any(state[key].numel() for key in self._tensors()):  # the state holds records
+            self.allocate()
         for key, x in self._tensors().items():
             v = state[key]
             if v.shape != x.shape or v.dtype != x.dtype:

@@ -93,7 +93,7 @@ def main(argv=None):
     print(f"final eval accuracy    {metrics['eval_accuracy']:.4f}")
     if not script.baseline and args.vsa_enabled:
         print(f"VSA state memory       {trainer.vsa.peak_state_ratio:.2f}x the trainable parameters' fp32 bytes "
-              f"at the start, {trainer.vsa.state_memory_ratio():.2f}x at the end (vsa_compression={args.vsa_compression})")
+              f"at its peak, {trainer.vsa.state_memory_ratio():.2f}x at the end (vsa_compression={args.vsa_compression})")
     return metrics
 
 

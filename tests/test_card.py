@@ -38,8 +38,9 @@ def test_card_statistics_equal_the_trainer_counters(trained):
     assert f"Full backward passes: {20 - c['PREDICT']} of 20 optimizer steps ({c['PREDICT']} PREDICT steps)" in text
     assert "vsa_exact_fraction: 0.2" in text
     peak, end = t.vsa.peak_state_ratio, t.vsa.state_memory_ratio()
-    assert end < peak  # vsa_skip_sparse freed the token-type embedding's buffers
-    assert f"VSA state memory: {peak:.2f}x the trainable parameters' fp32 bytes at the start, {end:.2f}x at the end" in text
+    assert 0 < peak and end <= peak  # retirement only frees buffers
+    assert (f"VSA state memory: {peak:.2f}x the trainable parameters' fp32 bytes at its peak (buffers are allocated "
+            f"at the first record, after sparse tensors are dropped), {end:.2f}x at the end") in text
 
 
 def test_the_trainers_own_card_content_survives(trained):

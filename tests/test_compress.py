@@ -70,6 +70,8 @@ def test_pack_round_trips_and_has_the_formula_size(bits, values):
 def test_history_bytes_equal_the_formula(kind):
     params = [torch.zeros(1000), torch.zeros(3, 5)]
     h = CompressedHistory(params, kind, window=8, block=BLOCK, bundle=4)
+    assert h.nbytes() == 0  # nothing is allocated before the first record
+    h.allocate([0, 1])
     slots, bits = (8, 2) if kind == "ternary" else (2, 4)
     expect = sum(slots * packed_bytes(p.numel(), BLOCK, bits)  # codes
                  + 8 * blocks_of(p.numel(), BLOCK) * 4  # record scales

@@ -224,6 +224,8 @@ def test_sketch_preset_and_skip_sparse_off_predict_every_tensor(tmp_path):
     skipped.train()
     assert len(skipped.vsa.predictor.active) < len(skipped.vsa.params)
     assert skipped.vsa.state_memory_ratio() < t.vsa.state_memory_ratio()  # the dropped tensors' buffers are freed
+    # ...and were never allocated: buffers come at the first record, after the drop, so the peak excludes them
+    assert skipped.vsa.peak_state_ratio == skipped.vsa.state_memory_ratio() > 0
     assert VSATrainingArguments(output_dir=str(tmp_path), vsa_preset="sketch").vsa_skip_sparse is False
 
 
@@ -307,11 +309,19 @@ def test_a_ring_records_only_the_steps_it_still_holds_when_read(tmp_path, monkey
         return record(self, grads, t, finite)
 
     monkeypatch.setattr(GradientPredictor, "record", spy)
+    state = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, *a, **kw):
+            state.append(t.vsa.state_memory_ratio())
+
     # WARMUP 6 + FULL 2: 8 backprop steps before the first read; a ring of 4 holds the last 4.
     sched = dict(SCHEDULE, vsa_warmup_steps=6, vsa_history_window=4, vsa_bundle_size=2)
     t = VSATrainer(model=make_model(), args=args(tmp_path, vsa_compression=kind, **sched),
-                   train_dataset=make_dataset(512))
+                   train_dataset=make_dataset(512), callbacks=[Watch()])
     t.train()
+    # No buffer exists before the first record; from it on, the state is the peak (nothing retires here).
+    assert state[:recorded[0]] == [0.0] * recorded[0] and state[recorded[0]] == t.vsa.peak_state_ratio > 0
     phases = t.vsa.phases
     first_read = phases.index("PREDICT")
     backprop = [k for k, p in enumerate(phases) if p != "PREDICT"]
