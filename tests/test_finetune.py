@@ -24,7 +24,7 @@ def test_main_job_fine_tunes_the_real_model_and_prints_a_summary(tmp_path):
     assert "PREDICT steps          5 (forward + backward through the top 20% of trainable tensors only)" in out
     assert "final eval accuracy" in out
     memory = next(line for line in out.splitlines() if line.startswith("VSA state memory"))
-    assert float(memory.split()[3].rstrip("x")) < 1.0 and "vsa_compression=vsa" in memory
+    assert float(memory.split()[3].rstrip("x")) < 1.0 and "vsa_compression=ternary" in memory
     assert (tmp_path / "model.safetensors").exists()
 
 
