@@ -30,7 +30,8 @@ class VSAEngine:
             raise ValueError("vsa_exact_fraction leaves no tensor to predict; lower it")
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.predict_mask = [args.vsa_min_cosine <= -1.0] * len(self.params)  # host copy, refreshed at CORRECT steps only
+        # Host copy, refreshed at CORRECT steps only. Nothing is measured yet: only an open gate admits.
+        self.predict_mask = [args.vsa_min_cosine <= -1.0] * len(self.params)
         self.trust = [1.0] * len(self.params)  # host copy of the trust factors, likewise
         self.closed = [0] * len(self.params)  # consecutive CORRECT steps at which the gate kept each tensor out
         self.args = args
