@@ -172,14 +172,16 @@ class CompressedHistory:
     def allocate(self, index):
         """Full-size buffers for the tensors in `index` that have none yet."""
         for i in index:
-            if self.codes[i].numel():
-                continue
-            n, dev = self.params[i].numel(), self.params[i].device
-            self.codes[i] = torch.zeros(self.slots, packed_bytes(n, self.block, self.bits), dtype=torch.uint8,
-                                        device=dev)
-            self.scales[i] = torch.zeros(self.window, blocks_of(n, self.block), device=dev)
-            self.error[i] = torch.zeros(blocks_of(n, self.block) * self.block, dtype=torch.int8, device=dev)
-            self.error_scales[i] = torch.zeros(blocks_of(n, self.block), device=dev)
+            if not self.codes[i].numel():
+                self._allocate_one(i)
+
+    def _allocate_one(self, i):
+        n, dev = self.params[i].numel(), self.params[i].device
+        self.codes[i] = torch.zeros(self.slots, packed_bytes(n, self.block, self.bits), dtype=torch.uint8,
+                                    device=dev)
+        self.scales[i] = torch.zeros(self.window, blocks_of(n, self.block), device=dev)
+        self.error[i] = torch.zeros(blocks_of(n, self.block) * self.block, dtype=torch.int8, device=dev)
+        self.error_scales[i] = torch.zeros(blocks_of(n, self.block), device=dev)
 
     def _generator(self, *parts):
         gen = torch.Generator(device=self.params[0].device)
@@ -193,13 +195,14 @@ class CompressedHistory:
     def push(self, grads, t: int, index=None):
         """Store the gradients of step t (one per tensor) in the oldest slot (for vsa: a new bundle
         drops the oldest whole bundle); only the tensors in `index` (all: None) are stored."""
-        self.allocate(range(len(self.params)) if index is None else index)
         k = self.next
         b, first = divmod(k, self.bundle)[0], k % self.bundle == 0
         if first:  # the slots of the bundle being overwritten are gone
             for j in range(b * self.bundle, min((b + 1) * self.bundle, self.window)):
                 self.times[j] = -1
         for i in range(len(self.params)) if index is None else index:
+            if not self.codes[i].numel():  # the first record of this tensor
+                self._allocate_one(i)
             g = grads[i]
             gen = None if self.rounding == "deterministic" else self._generator(0, t, i)
             # error feedback: carry what rounding lost from the previous record

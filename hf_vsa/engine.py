@@ -67,9 +67,9 @@ class VSAEngine:
         self.log_loss, self.log_n = torch.zeros((), device=dev), 0
         self.seconds = {p.name: 0.0 for p in Phase}
         self.phases = []  # phase names of the steps run by this process (not checkpointed)
-        # Largest state so far: buffers are allocated at the first record (after vsa_skip_sparse
-        # has dropped tensors) and only shrink after it (retired tensors).
-        self.peak_state_ratio = self.state_memory_ratio()
+        # Largest state so far. No buffer exists before the first record, which allocates them
+        # (after vsa_skip_sparse has dropped tensors); after it they only shrink (retired tensors).
+        self.peak_state_ratio = 0.0
 
     # ---- per optimizer step ----------------------------------------------------------------
     def begin_step(self, global_step: int) -> Phase:
@@ -114,7 +114,8 @@ class VSAEngine:
             # (the first WARMUP steps, or a FULL block longer than the window), so skip its cost.
             return
         grads = self._grads(None if grad_scale is None else 1.0 / grad_scale)
-        if self.predictor.last_t < 0 and self.args.vsa_skip_sparse:
+        first = self.predictor.last_t < 0
+        if first and self.args.vsa_skip_sparse:
             self._drop_sparse(grads)
         if not self.predictor.active:  # every tensor dropped or retired: nothing to record or compare
             return
@@ -133,7 +134,8 @@ class VSAEngine:
             self._retire()
         else:
             self.predictor.record(grads, self.step)
-            self.peak_state_ratio = max(self.peak_state_ratio, self.state_memory_ratio())  # host arithmetic only
+            if first:  # the buffers were just allocated: the peak (host arithmetic, no sync)
+                self.peak_state_ratio = max(self.peak_state_ratio, self.state_memory_ratio())
 
     def _drop_sparse(self, grads):
         """Before the first record: tensors whose gradient is mostly exact zeros (embedding rows of
@@ -237,6 +239,7 @@ class VSAEngine:
         out["vsa/predicted_tensor_fraction"] = sum(self.predict_mask) / len(self.predict_mask)
         out["vsa/tracked_tensor_fraction"] = len(self.predictor.active) / len(self.params)
         out["vsa/state_memory_ratio"] = self.state_memory_ratio()
+        self.peak_state_ratio = max(self.peak_state_ratio, out["vsa/state_memory_ratio"])
         out["vsa/state_memory_peak_ratio"] = self.peak_state_ratio
         return out
 
