@@ -16,8 +16,8 @@ window + 1 consecutive AdamW steps are recorded; for each kind the predictor sto
     bundle, crosstalk included),
   - cosine of the fit read back from the compressed records with the same fit over fp32 records,
   - cosine of the prediction with the actual next gradient.
-Part 2: VSATrainer (defaults) on the sentiment task for the benchmark budget with each kind, over
-seeds: peak VSA state, mean predicted-vs-actual cosine at CORRECT steps, final eval loss and step time, each
+Part 2: VSATrainer (defaults) on each benchmark task of --tasks (default: sentiment) for the
+benchmark budget with each kind, over seeds: peak VSA state, mean predicted-vs-actual cosine at CORRECT steps, final eval loss and step time, each
 against the 'none' run of the same seed.
 """
 import argparse
@@ -122,14 +122,18 @@ def print_rows(name, n, rows):
 
 
 def training(a):
-    """Part 2: one VSATrainer run per kind and seed on the sentiment task; means over seeds."""
+    """Part 2: one VSATrainer run per kind and seed on each task; means over seeds."""
+    return {task: training_task(task, a) for task in a.tasks}
+
+
+def training_task(task, a):
     per_kind = {k: [] for k in KINDS}
     for seed in a.seeds:
-        argv = ["--task", "sentiment", "--seeds", str(seed)] + (["--quick"] if a.quick else [])
+        argv = ["--task", task, "--seeds", str(seed)] + (["--quick"] if a.quick else [])
         b = benchmark.parse(argv + (["--steps", str(a.steps)] if a.steps else []))
         b.seed, b.workdir = seed, os.path.join(os.path.dirname(a.out) or ".", "mem_runs")
         for k in KINDS:
-            print(f"== sentiment seed {seed}: vsa_compression={k}", flush=True)
+            print(f"== {task} seed {seed}: vsa_compression={k}", flush=True)
             r = benchmark.run_one(k, {"vsa_compression": k}, b)
             per_kind[k].append({"seed": seed, "steps": len(r["step_wall"]), "state_ratio": r["state_memory_peak_ratio"],
                                 "state_ratio_end": r["state_memory_ratio"],
@@ -141,7 +145,7 @@ def training(a):
                                 "step_wall_mean": sum(r["step_wall"]) / len(r["step_wall"])})
     mean = lambda xs: sum(xs) / len(xs)
     base = per_kind["none"]
-    print(f"\nsentiment, {base[0]['steps']} steps, seeds {a.seeds}: VSATrainer defaults with each compression "
+    print(f"\n{task}, {base[0]['steps']} steps, seeds {a.seeds}: VSATrainer defaults with each compression "
           "(mean over seeds; 'vs none' pairs each seed with the 'none' run of that seed)")
     print(f"{'kind':<9}{'peak state':>11}{'CORRECT cos':>13}{'vs none':>9}{'final eval':>12}{'vs none':>16}"
           f"{'last-5 evals vs none':>22}{'step time vs none':>19}")
@@ -170,6 +174,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, help="part 2 optimizer steps (the benchmark's default budget)")
     p.add_argument("--seed", type=int, default=0, help="part 1 seed")
     p.add_argument("--seeds", default="0,1,2", help="part 2: comma-separated seeds")
+    p.add_argument("--tasks", default="sentiment", help="part 2: comma-separated benchmark tasks "
+                   f"({', '.join(benchmark.TASKS)})")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip_training", action="store_true", help="part 1 only")
     p.add_argument("--training_only", action="store_true", help="part 2 only")
@@ -178,6 +184,10 @@ def main(argv=None):
     if a.skip_training and a.training_only:
         p.error("--skip_training and --training_only exclude each other (together they would run nothing)")
     a.seeds = [int(x) for x in a.seeds.split(",")]
+    a.tasks = a.tasks.split(",")
+    unknown = [t for t in a.tasks if t not in benchmark.TASKS]
+    if unknown:
+        p.error(f"--tasks: unknown {unknown}; allowed: {', '.join(benchmark.TASKS)}")
     torch.set_num_threads(os.cpu_count() or 1)
     result = {"args": vars(a), "torch": torch.__version__, "models": []}
     for name, model, batches, lr in ([] if a.training_only else models(a)):

@@ -43,6 +43,6 @@ def test_quick_memory_benchmark_measures_every_kind_against_none(tmp_path):
     assert rows["none"]["state_ratio"] > rows["ternary"]["state_ratio"] > rows["vsa"]["state_ratio"]
     assert rows["none"]["fit_cosine_vs_none"] > 0.999
     assert all(r["compress_gbs"] > 0 and -1 <= r["predicted_vs_actual_cosine"] <= 1 for r in rows.values())
-    train = {r["kind"]: r for r in data["training"]}
+    train = {r["kind"]: r for r in data["training"]["sentiment"]}
     assert set(train) == {"none", "ternary", "vsa"} and train["none"]["eval_vs_none"] == 0
     assert train["ternary"]["state_ratio"] < train["none"]["state_ratio"]
