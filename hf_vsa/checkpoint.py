@@ -15,8 +15,8 @@ from .controller import Phase
 STATE_FILE = "vsa_state.safetensors"
 # Bumped whenever saved state would be read differently (2: VSA keys made from random bytes;
 # predictor `active` tensors; 3: the gate's per-tensor streaks, for retirement; 4: buffers allocated at
-# the first record, and the peak state ratio).
-STATE_VERSION = 4
+# the first record, and the peak state ratio; 5: the residual stored in 4 bits, not ternary).
+STATE_VERSION = 5
 # Settings whose change makes saved state meaningless.
 STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum", "vsa_compression",
                   "vsa_history_window", "vsa_compression_block", "vsa_ternary_rounding", "vsa_bundle_size")

@@ -81,12 +81,25 @@ def _ternarize_blocks(xb, generator=None):
     return codes, scales, amax
 
 
+def quantize_(xb, bound, levels):
+    """[blocks, block] fp32 -> (integers in [-levels, levels] as fp32, fp32 scales [blocks]), round
+    to nearest, given per-block bounds on |x| (saves a pass over x). Overwrites xb."""
+    scales = (bound / levels).clamp_min_(1e-30)
+    return xb.div_(scales[:, None]).round_(), scales
+
+
 def int8_quantize_(xb, bound):
-    """[blocks, block] fp32 -> (int8 flat, fp32 [blocks]), round to nearest, given per-block
-    bounds on |x| (saves a pass over x). Overwrites xb."""
-    scales = (bound / 127).clamp_min_(1e-30)
-    q = xb.div_(scales[:, None]).round_().to(torch.int8)
-    return q.reshape(-1), scales
+    """[blocks, block] fp32 -> (int8 flat, fp32 [blocks]); see quantize_."""
+    q, scales = quantize_(xb, bound, 127)
+    return q.to(torch.int8).reshape(-1), scales
+
+
+def int4_pack(x, block):
+    """x -> (packed 4-bit codes uint8, fp32 block scales): each element rounded to the nearest of
+    15 levels, -7..7 times max|x|/7 of its block, so |error| <= max|x|/14. x is not modified."""
+    xb = _blocked(x, block).clone()  # (_blocked may return a view of x)
+    q, scales = quantize_(xb, xb.abs().amax(1), 7)
+    return pack(q, 4), scales
 
 
 def pack(values, bits=2):

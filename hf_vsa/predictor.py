@@ -16,7 +16,9 @@ and Cramer's rule gives the prediction at u as a0 * G0 + a1 * G1. Memory: 2x the
 With compression ('ternary' or 'vsa', see compress.py) the running sums are replaced by a ring of
 the last `window` records in compressed form (compressed sums would gather rounding error at every
 record); the same fit is solved over the ring's records, and the prediction is read back as one
-weighted sum of them. The residual is stored ternary too.
+weighted sum of them. The residual is stored in 4 bits (int4_pack): it is the newest, least
+averaged information in a prediction, and on the 106M GPT-2's real gradients a ternary residual
+cost the prediction 0.021 of cosine against 'none', a 4-bit one none.
 
 Tensor work stays on the tensors' device; the only host read is the finiteness check when a
 gradient is recorded (a backprop step), marked below.
@@ -25,7 +27,7 @@ import logging
 
 import torch
 
-from .compress import CompressedHistory, blocks_of, dequantize, packed_bytes, ternary_pack
+from .compress import CompressedHistory, blocks_of, dequantize, int4_pack, packed_bytes
 
 logger = logging.getLogger(__name__)
 KINDS = ("wls", "momentum")
@@ -82,7 +84,8 @@ class GradientPredictor:
     def _buffer(self, name, i, empty=False):
         p = self.params[i]
         if name == "rcodes":
-            return torch.zeros(0 if empty else packed_bytes(p.numel(), self.block), dtype=torch.uint8, device=p.device)
+            return torch.zeros(0 if empty else packed_bytes(p.numel(), self.block, 4), dtype=torch.uint8,
+                               device=p.device)
         if name == "rscales":
             return torch.zeros(0 if empty else blocks_of(p.numel(), self.block), device=p.device)
         dtype = torch.promote_types(p.dtype, torch.float32)  # g0, g1, residual
@@ -216,7 +219,7 @@ class GradientPredictor:
     def _residuals(self, index):
         if self.history is None:
             return [self.residual[i] for i in index]
-        return [dequantize(self.rcodes[i], self.rscales[i], self.params[i].numel(), self.block)
+        return [dequantize(self.rcodes[i], self.rscales[i], self.params[i].numel(), self.block, 4)
                 .view_as(self.params[i]) for i in index]
 
     def _learn_residual(self, fresh, t):
@@ -226,7 +229,7 @@ class GradientPredictor:
                 self.residual[i] = r
         else:
             for i, r in zip(self.active, fresh):
-                codes, scales = ternary_pack(r, self.block)
+                codes, scales = int4_pack(r, self.block)
                 self.rcodes[i].copy_(codes)
                 self.rscales[i].copy_(scales)
         self.residual_t = t

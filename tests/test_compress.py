@@ -10,8 +10,8 @@ from transformers import TrainerCallback
 
 from conftest import make_dataset, make_model
 from hf_vsa import GradientPredictor, VSATrainer, VSATrainingArguments
-from hf_vsa.compress import (CompressedHistory, TernaryAccumulator, blocks_of, dequantize, pack, packed_bytes,
-                             ternarize, unpack)
+from hf_vsa.compress import (CompressedHistory, TernaryAccumulator, blocks_of, dequantize, int4_pack, pack,
+                             packed_bytes, ternarize, unpack)
 
 BLOCK = 64
 
@@ -42,6 +42,24 @@ def test_deterministic_ternary_error_is_the_optimal_scale_error(source):
         assert err.sum() <= x.pow(2).sum() + 1e-6
         if source == "random":  # Gaussian: about 0.9 cosine
             assert torch.nn.functional.cosine_similarity(back, x.reshape(-1), 0) > 0.85
+
+
+@pytest.mark.parametrize("source", ["random", "real"])
+def test_int4_residual_codes_are_within_half_a_level(source):
+    # 4 bits for the residual: round to nearest of -7..7 times max|x|/7 per block, half a level of error.
+    xs = [torch.randn(1000) * 3, torch.randn(7, 33)] if source == "random" else real_grads()
+    for x in xs:
+        before = x.clone()
+        packed, scales = int4_pack(x, BLOCK)
+        assert torch.equal(x, before)  # the caller's tensor is left alone
+        assert packed.numel() == packed_bytes(x.numel(), BLOCK, 4) and scales.numel() == blocks_of(x.numel(), BLOCK)
+        back = dequantize(packed, scales, x.numel(), BLOCK, 4)
+        flat = torch.cat([x.reshape(-1), x.new_zeros(blocks_of(x.numel(), BLOCK) * BLOCK - x.numel())])
+        torch.testing.assert_close(scales, flat.view(-1, BLOCK).abs().amax(1).clamp_min(1e-30) / 7)
+        half_level = (scales / 2).repeat_interleave(BLOCK)[:x.numel()]
+        assert ((x.reshape(-1) - back).abs() <= half_level * (1 + 1e-5)).all()
+        if source == "random":
+            assert torch.nn.functional.cosine_similarity(back, x.reshape(-1), 0) > 0.99
 
 
 def test_stochastic_ternary_is_unbiased_with_the_documented_variance():
