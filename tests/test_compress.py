@@ -99,6 +99,18 @@ def test_history_bytes_equal_the_formula(kind):
     assert packed_bytes(1000, BLOCK, 2) == math.ceil(1000 / BLOCK) * BLOCK // 4
 
 
+@pytest.mark.parametrize("kind,codes_per_element", [("ternary", 8 / 4), ("vsa", 8 / (2 * 4))])
+def test_predictor_state_bytes_equal_the_documented_formula(kind, codes_per_element):
+    # README: per predicted element, window/4 (ternary; vsa: window/(2*bundle)) + 1 (error feedback)
+    # + 4*(window + 2)/block (scales) + 1/2 (the 4-bit residual); window 8, bundle 4.
+    params = [torch.zeros(4 * BLOCK), torch.zeros(2, BLOCK)]
+    pred = GradientPredictor(params, compression=kind, window=8, block=BLOCK, bundle=4)
+    pred.record([torch.randn_like(p) for p in params], 0)
+    state = sum(v.numel() * v.element_size() for v in pred.state_dict().values() if isinstance(v, torch.Tensor))
+    n = sum(p.numel() for p in params)
+    assert state == n * (codes_per_element + 1 + 4 * (8 + 2) / BLOCK + 1 / 2)
+
+
 def test_vsa_unbinding_returns_each_record_plus_the_crosstalk_of_its_bundle():
     n = 1 << 16
     p = torch.zeros(n)
