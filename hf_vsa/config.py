@@ -134,8 +134,9 @@ class VSATrainingArguments(TrainingArguments):
         metadata={"help": "How the predictor stores its gradient history: 'none' (fp32 running sums, 3x the "
                           "predicted parameters' bytes), 'ternary' (a ring of the last vsa_history_window records, "
                           "2 bits per element, block scales, error feedback, residual in 4 bits; 0.91x for window "
-                          "8) or 'vsa' (the ternary records bound to seeded random keys and bundled vsa_bundle_size to a "
-                          "superposition; 0.66x, but the bundles' crosstalk lowers the prediction's cosine).",
+                          "8) or 'vsa' (the ternary records bound to seeded random keys and bundled "
+                          "vsa_bundle_size to a superposition; 0.66x, but the bundles' crosstalk lowers the "
+                          "prediction's cosine).",
                   "choices": list(COMPRESSIONS)},
     )
     vsa_compression_block: int = field(

@@ -16,10 +16,10 @@ and Cramer's rule gives the prediction at u as a0 * G0 + a1 * G1. Memory: 2x the
 With compression ('ternary' or 'vsa', see compress.py) the running sums are replaced by a ring of
 the last `window` records in compressed form (compressed sums would gather rounding error at every
 record); the same fit is solved over the ring's records, and the prediction is read back as one
-weighted sum of them. The residual is stored in 4 bits (int4_pack): it is the newest, least
-averaged information in a prediction: on the 106M GPT-2's real gradients (bench_memory.py part 1)
-the prediction's cosine with the next gradient was 0.904 with a ternary residual, 0.933 with a
-4-bit one, 0.925 with 'none'.
+weighted sum of them. The residual is stored in 4 bits (int4_pack), not ternary, since it is the
+newest and least averaged part of a prediction. On the 106M GPT-2's real gradients
+(bench_memory.py part 1) the prediction's cosine with the next gradient was 0.904 with a ternary
+residual, 0.933 with a 4-bit one, and 0.925 with 'none'.
 
 Tensor work stays on the tensors' device; the only host read is the finiteness check when a
 gradient is recorded (a backprop step), marked below.

@@ -17,8 +17,8 @@ window + 1 consecutive AdamW steps are recorded; for each kind the predictor sto
   - cosine of the fit read back from the compressed records with the same fit over fp32 records,
   - cosine of the prediction with the actual next gradient.
 Part 2: VSATrainer (defaults) on each benchmark task of --tasks (default: sentiment) for the
-benchmark budget with each kind, over seeds: peak VSA state, mean predicted-vs-actual cosine at CORRECT steps, final eval loss and step time, each
-against the 'none' run of the same seed.
+benchmark budget with each kind, over seeds: peak VSA state, mean predicted-vs-actual cosine at
+CORRECT steps, final eval loss and step time, each against the 'none' run of the same seed.
 """
 import argparse
 import json
