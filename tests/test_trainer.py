@@ -352,3 +352,35 @@ def test_no_tensor_is_predicted_before_its_prediction_is_measured(tmp_path, gate
         assert before == [0] * len(before) and max(after) > 0
     else:  # gate off (the sketch preset): every tensor is predicted from the first PREDICT step
         assert before == [len(t.vsa.predictor.active)] * len(before)  # (vsa_skip_sparse drops the embedding)
+
+
+@pytest.mark.parametrize("precision", ["bf16_weights", "bf16_autocast"])
+def test_bf16_training_predicts_gradients_in_the_parameters_dtype(tmp_path, precision):
+    # A model loaded in bfloat16 (bf16 parameters, gradients and optimizer state) and bf16=True
+    # (autocast over fp32 parameters): predicted gradients land in .grad in the parameter's dtype
+    # and move the parameters on PREDICT steps; the history is kept in fp32 either way.
+    model = make_model()
+    kw = {"bf16": True} if precision == "bf16_autocast" else {}
+    if precision == "bf16_weights":
+        model = model.to(torch.bfloat16)
+    low = model.bert.encoder.layer[0].attention.self.query.weight
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.before = low.detach().clone()
+
+        def on_pre_optimizer_step(self, *a, **k):
+            self.grad_dtype = low.grad.dtype
+
+        def on_step_end(self, *a, **k):
+            seen.append((t.vsa.phase, self.grad_dtype, not torch.equal(self.before, low)))
+
+    t = VSATrainer(model=model, args=args(tmp_path, **NO_BACKWARD, **kw), train_dataset=make_dataset(512),
+                   callbacks=[Watch()])
+    out = t.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    assert {phase for phase, _, _ in seen} == {Phase.WARMUP, Phase.FULL, Phase.PREDICT, Phase.CORRECT}
+    assert all(dtype == low.dtype and moved for _, dtype, moved in seen)
+    assert all(x.dtype in (torch.float32, torch.uint8, torch.int8)
+               for x in t.vsa.predictor.state_dict().values() if isinstance(x, torch.Tensor))
