@@ -384,3 +384,18 @@ def test_bf16_training_predicts_gradients_in_the_parameters_dtype(tmp_path, prec
     assert all(dtype == low.dtype and moved for _, dtype, moved in seen)
     assert all(x.dtype in (torch.float32, torch.uint8, torch.int8)
                for x in t.vsa.predictor.state_dict().values() if isinstance(x, torch.Tensor))
+
+
+def test_activation_checkpointing_leaves_the_trajectory_unchanged(tmp_path):
+    # Recomputing activations in backward (the usual memory saver for LLM fine-tuning) must not
+    # change what partial backward and the predictor see: same weights, bit for bit.
+    weights = {}
+    for on in (False, True):
+        model = make_model()
+        t = VSATrainer(model=model, args=args(tmp_path / str(on), activation_checkpointing=on, **SCHEDULE),
+                       train_dataset=make_dataset(512))
+        t.train()
+        assert model.is_activation_checkpointing == on
+        assert t.vsa.phases.count("PREDICT") > 0
+        weights[on] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(weights[False], weights[True]))
