@@ -56,22 +56,33 @@ def test_backward_passes_follow_the_schedule(tmp_path, accum):
     assert t.vsa.controller.counts["PREDICT"] == phases.count("PREDICT") > 0
 
 
+class MoveWatch(TrainerCallback):
+    """Per optimizer step: (phase, dtype of param.grad at the optimizer step, whether param moved)."""
+
+    def __init__(self, param):
+        self.param, self.rows, self.trainer = param, [], None
+
+    def on_step_begin(self, *a, **kw):
+        self.before, self.grad_dtype = self.param.detach().clone(), None
+
+    def on_pre_optimizer_step(self, *a, **kw):
+        self.grad_dtype = None if self.param.grad is None else self.param.grad.dtype
+
+    def on_step_end(self, *a, **kw):
+        self.rows.append((self.trainer.vsa.phase, self.grad_dtype, not torch.equal(self.before, self.param)))
+
+
+def watched(model, param, trainer_args):
+    watch = MoveWatch(param)
+    watch.trainer = VSATrainer(model=model, args=trainer_args, train_dataset=make_dataset(512), callbacks=[watch])
+    return watch.trainer, watch
+
+
 def test_parameters_move_on_predict_steps(tmp_path):
     model = make_model()
-    low = model.bert.encoder.layer[0].attention.self.query.weight
-    seen = []
-
-    class Watch(TrainerCallback):
-        def on_step_begin(self, *a, **kw):
-            self.before = low.detach().clone()
-
-        def on_step_end(self, *a, **kw):
-            seen.append((t.vsa.phase, not torch.equal(self.before, low)))
-
-    t = VSATrainer(model=model, args=args(tmp_path, **NO_BACKWARD), train_dataset=make_dataset(512),
-                   callbacks=[Watch()])
+    t, watch = watched(model, model.bert.encoder.layer[0].attention.self.query.weight, args(tmp_path, **NO_BACKWARD))
     t.train()
-    predict = [moved for phase, moved in seen if phase is Phase.PREDICT]
+    predict = [moved for phase, _, moved in watch.rows if phase is Phase.PREDICT]
     assert predict and all(predict)
 
 
@@ -364,24 +375,11 @@ def test_bf16_training_predicts_gradients_in_the_parameters_dtype(tmp_path, prec
     if precision == "bf16_weights":
         model = model.to(torch.bfloat16)
     low = model.bert.encoder.layer[0].attention.self.query.weight
-    seen = []
-
-    class Watch(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.before = low.detach().clone()
-
-        def on_pre_optimizer_step(self, *a, **k):
-            self.grad_dtype = low.grad.dtype
-
-        def on_step_end(self, *a, **k):
-            seen.append((t.vsa.phase, self.grad_dtype, not torch.equal(self.before, low)))
-
-    t = VSATrainer(model=model, args=args(tmp_path, **NO_BACKWARD, **kw), train_dataset=make_dataset(512),
-                   callbacks=[Watch()])
+    t, watch = watched(model, low, args(tmp_path, **NO_BACKWARD, **kw))
     out = t.train()
     assert torch.isfinite(torch.tensor(out.training_loss))
-    assert {phase for phase, _, _ in seen} == {Phase.WARMUP, Phase.FULL, Phase.PREDICT, Phase.CORRECT}
-    assert all(dtype == low.dtype and moved for _, dtype, moved in seen)
+    assert {phase for phase, _, _ in watch.rows} == {Phase.WARMUP, Phase.FULL, Phase.PREDICT, Phase.CORRECT}
+    assert all(dtype == low.dtype and moved for _, dtype, moved in watch.rows)
     assert all(x.dtype in (torch.float32, torch.uint8, torch.int8)
                for x in t.vsa.predictor.state_dict().values() if isinstance(x, torch.Tensor))
 
