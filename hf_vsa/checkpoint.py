@@ -96,28 +96,28 @@ def load_engine(engine, directory, rank=0, world=1):
         engine.predictor.set_active(meta["predictor/active"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad predictor/active ({type(e).__name__}: {e})") from e
-    if any(v.numel() for k, v in tensors.items() if k.startswith("predictor/")):
-        engine.predictor.allocate()  # saved after the first record: the buffers exist
     expected, _ = engine_state(engine)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path}: tensors do not match the model's trainable parameters; "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for k, v in expected.items():
-        if k == "engine/rank_local":
-            continue
-        if tensors[k].shape != v.shape or tensors[k].dtype != v.dtype:
-            raise ValueError(f"{path}: {k} is {tuple(tensors[k].shape)} {tensors[k].dtype}, "
-                             f"the model needs {tuple(v.shape)} {v.dtype}")
+    for k, v in expected.items():  # the predictor checks its own tensors' shapes, below
+        if k.startswith("engine/") and k != "engine/rank_local":
+            if tensors[k].shape != v.shape or tensors[k].dtype != v.dtype:
+                raise ValueError(f"{path}: {k} is {tuple(tensors[k].shape)} {tensors[k].dtype}, "
+                                 f"the model needs {tuple(v.shape)} {v.dtype}")
     dev = engine.params[0].device
     pred = {}
     for key, value in engine.predictor.state_dict().items():
         if isinstance(value, torch.Tensor):
             name = key if "." not in key else f"{key.split('.')[0]}.{engine.names[int(key.split('.')[1])]}"
-            pred[key] = tensors[f"predictor/{name}"].to(dev)
+            pred[key] = tensors[f"predictor/{name}"]
         else:
             pred[key] = meta[f"predictor/{key}"]
-    engine.predictor.load_state_dict(pred)
+    try:  # allocates the buffers if the file holds records, checks shapes, copies onto the device
+        engine.predictor.load_state_dict(pred, names=engine.names)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     for name in _ENGINE_TENSORS:
         setattr(engine, name, tensors[f"engine/{name}"].to(dev))
     rows = tensors["engine/rank_local"]

@@ -300,7 +300,8 @@ class GradientPredictor:
         s.update(self._tensors())
         return s
 
-    def load_state_dict(self, state: dict):
+    def load_state_dict(self, state: dict, names=None):
+        """`names`: the tensors' names (by index), for the error messages; None: by index."""
         expected = set(self.state_dict())
         if set(state) != expected:
             raise KeyError(f"predictor state keys differ: missing {sorted(expected - set(state))[:5]}, "
@@ -313,12 +314,16 @@ class GradientPredictor:
             self.set_active(active)  # the shapes below depend on it
         if any(state[key].numel() for key in self._tensors()):  # the state holds records
             self.allocate()
-        for key, x in self._tensors().items():
+        tensors = self._tensors()
+        for key, x in tensors.items():  # check every shape before anything is overwritten
             v = state[key]
             if v.shape != x.shape or v.dtype != x.dtype:
-                raise ValueError(f"predictor state {key}: expected {tuple(x.shape)} {x.dtype}, "
-                                 f"got {tuple(v.shape)} {v.dtype}")
-            x.copy_(v)
+                kind, i = key.split(".")
+                label = f"{kind}.{i if names is None else names[int(i)]}"
+                raise ValueError(f"predictor state {label}: expected {tuple(x.shape)} {x.dtype}, but the saved "
+                                 f"{label} is {tuple(v.shape)} {v.dtype}")
+        for key, x in tensors.items():
+            x.copy_(state[key])
         for k in self._SCALARS:
             if k != "active":
                 setattr(self, k, type(getattr(self, k))(state[k]))
