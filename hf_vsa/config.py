@@ -12,7 +12,7 @@ PRESETS = {
     # The method as first sketched (vsa-optim-rs): WLS baseline + velocity, fixed schedule.
     "sketch": dict(vsa_predictor="wls", vsa_warmup_steps=10, vsa_full_steps=5, vsa_predict_steps=20,
                    vsa_correct_every=5, vsa_adaptive_phases=False, vsa_predict_forward=False,
-                   vsa_exact_fraction=0.0, vsa_min_cosine=-1.0, vsa_trust="none", vsa_skip_sparse=False,
+                   vsa_exact_fraction=0.0, vsa_block_drop=1.0, vsa_min_cosine=-1.0, vsa_trust="none", vsa_skip_sparse=False,
                    vsa_retire_after=0),
 }
 # Optimizers that update parameters inside backward: with no backward there is no update at
@@ -99,6 +99,16 @@ class VSATrainingArguments(TrainingArguments):
                           "tensors (in registration order: the output end of the network) get exact gradients "
                           "from a backward that stops below them; only the tensors before them are predicted "
                           "(and only they are tracked by the predictor). 0: PREDICT steps run no backward."},
+    )
+    vsa_block_drop: float = field(
+        default=0.5,
+        metadata={"help": "With vsa_exact_fraction > 0, DropBP on PREDICT steps: each transformer block (of the "
+                          "model's longest list of identical layers) whose trainable tensors are all predicted "
+                          "skips its backward with this probability, in [0, 1], drawn per step from vsa_seed. A "
+                          "skipped block passes its output's gradient to its input unchanged (the residual path) "
+                          "and its tensors get the prediction, if the gate admits them, or no update; the kept "
+                          "blocks' tensors get their exact gradient. 1: every such block is skipped, so the "
+                          "backward stops at the exact tensors."},
     )
     vsa_min_cosine: float = field(
         default=0.2,
@@ -203,6 +213,8 @@ class VSATrainingArguments(TrainingArguments):
             raise ValueError(f"vsa_exact_fraction must be in [0, 1), got {self.vsa_exact_fraction}")
         if self.vsa_retire_after < 0:
             raise ValueError(f"vsa_retire_after must be >= 0 (0: never retire), got {self.vsa_retire_after}")
+        if not 0.0 <= self.vsa_block_drop <= 1.0:
+            raise ValueError(f"vsa_block_drop must be in [0, 1], got {self.vsa_block_drop}")
         if not -1.0 <= self.vsa_min_cosine <= 1.0:
             raise ValueError(f"vsa_min_cosine must be in [-1, 1], got {self.vsa_min_cosine}")
         if self.vsa_predictor not in PREDICTORS:

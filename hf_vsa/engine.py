@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from .compress import TernaryAccumulator
+from .blocks import BlockSkip, find_blocks
+from .compress import TernaryAccumulator, mix_seed
 from .controller import Phase, PhaseController
 from .predictor import GradientPredictor
 
@@ -30,6 +31,19 @@ class VSAEngine:
             raise ValueError("vsa_exact_fraction leaves no tensor to predict; lower it")
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        # DropBP on partial PREDICT steps: the blocks whose trainable tensors are all predicted
+        # (below the exact ones) skip their backward at random; the others' tensors are computed.
+        index = {id(p): i for i, p in enumerate(self.params)}
+        self.blocks, owned = [], []  # droppable blocks; per block, the indices of its tensors
+        if exact and args.vsa_block_drop < 1.0:
+            for b in find_blocks(model):
+                mine = [q for q in b.parameters() if q.requires_grad]
+                if mine and all(id(q) in index for q in mine):
+                    self.blocks.append(b)
+                    owned.append([index[id(q)] for q in mine])
+        self.block_tensors = owned
+        self.block_skip = BlockSkip(self.blocks) if self.blocks else None
+        self.computed = set()  # this PREDICT step: predicted tensors that get an exact gradient instead
         # Host copy, refreshed at CORRECT steps only. Nothing is measured yet: only an open gate admits.
         self.predict_mask = [args.vsa_min_cosine <= -1.0] * len(self.params)
         self.trust = [1.0] * len(self.params)  # host copy of the trust factors, likewise
@@ -77,6 +91,7 @@ class VSAEngine:
         if global_step != self.step:
             self.step = global_step
             self.micro_batch = 0
+            self.computed = set()
             self.phase = self.controller.next_phase(self._take_cycle_loss)
             self.phases.append(self.phase.name)
         return self.phase
@@ -172,6 +187,8 @@ class VSAEngine:
         prediction is not trusted get no gradient, hence no update, this step."""
         index = []
         for i, keep in enumerate(self.predict_mask):
+            if i in self.computed:  # its block ran its backward: the exact gradient stays
+                continue
             if keep:
                 index.append(i)
             else:
@@ -211,9 +228,25 @@ class VSAEngine:
         return bool(self.exact_params)
 
     def freeze_predicted(self, frozen: bool):
-        """Partial backward: with the predicted tensors frozen, autograd stops below the exact ones."""
-        for p in self.params:
-            p.requires_grad_(not frozen)
+        """Partial backward: with the predicted tensors frozen, autograd stops below the exact ones,
+        except in the droppable blocks that this step keeps (each skipped with probability
+        vsa_block_drop, drawn from (vsa_seed, step): the same on every rank, micro-batch and resume).
+        Their tensors stay trainable and the skipped blocks pass the gradient down unchanged."""
+        if self.block_skip is not None:
+            self.block_skip.reset()
+        if frozen and self.blocks:
+            gen = torch.Generator().manual_seed(mix_seed(self.args.vsa_seed, 3, self.step))
+            draw = torch.rand(len(self.blocks), generator=gen).tolist()  # host tensor: no device sync
+            self.block_skip.skipped = {k for k, u in enumerate(draw) if u < self.args.vsa_block_drop}
+            self.computed = {i for k, idx in enumerate(self.block_tensors) if k not in self.block_skip.skipped
+                             for i in idx}
+        for i, p in enumerate(self.params):
+            p.requires_grad_(not frozen or i in self.computed)
+
+    def exact_grads(self):
+        """The gradients a partial PREDICT step computed: the exact tensors' and the kept blocks'."""
+        ps = [*self.exact_params, *(self.params[i] for i in sorted(self.computed))]
+        return [p.grad for p in ps if p.grad is not None]
 
     def add_time(self, seconds: float):
         if self.phase is not None:

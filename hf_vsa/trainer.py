@@ -89,7 +89,7 @@ class VSATrainer(Trainer):
                 engine.freeze_predicted(False)
             engine.note_loss(loss, last)
             if last and self._vsa_world_size() > 1:
-                self._vsa_all_reduce_mean([p.grad for p in engine.exact_params if p.grad is not None])
+                self._vsa_all_reduce_mean(engine.exact_grads())
         elif self.args.vsa_predict_forward:
             loss = self._vsa_forward_loss(model, inputs, num_items_in_batch)
             engine.note_loss(loss, last)
