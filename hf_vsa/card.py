@@ -26,6 +26,9 @@ def render_section(engine, args, plot=None) -> str:
     template = resources.files("hf_vsa.model_cards").joinpath("vsa_section.md.j2").read_text()
     how = (f"computed exactly for the top {args.vsa_exact_fraction:.0%} of trainable tensors by a partial "
            "backward and predicted for the others" if engine.partial else "predicted in closed form")
+    if engine.blocks:
+        how += (f"; each of the {len(engine.blocks)} transformer blocks below them skipped its backward with "
+                f"probability {args.vsa_block_drop:g} (DropBP) and computed its tensors' exact gradient otherwise")
     cosine = stats["vsa/prediction_cosine_mean"]
     return jinja2.Template(template, keep_trailing_newline=True).render(
         steps=engine.controller.step, counts=engine.controller.counts, seconds=engine.seconds,

@@ -105,10 +105,10 @@ class VSATrainingArguments(TrainingArguments):
         metadata={"help": "With vsa_exact_fraction > 0, DropBP on PREDICT steps: each transformer block (of the "
                           "model's longest list of identical layers) whose trainable tensors are all predicted "
                           "skips its backward with this probability, in [0, 1], drawn per step from vsa_seed. A "
-                          "skipped block passes its output's gradient to its input unchanged (the residual path) "
-                          "and its tensors get the prediction, if the gate admits them, or no update; the kept "
-                          "blocks' tensors get their exact gradient. 1: every such block is skipped, so the "
-                          "backward stops at the exact tensors."},
+                          "skipped block passes its output's gradient to its input unchanged (the residual path); "
+                          "its tensors get the prediction, if the gate admits them, or no update. Every other "
+                          "tensor (kept blocks, embeddings) gets its exact gradient. A model with no such blocks "
+                          "gets the plain partial backward: every predicted tensor frozen."},
     )
     vsa_min_cosine: float = field(
         default=0.2,

@@ -228,18 +228,19 @@ class VSAEngine:
         return bool(self.exact_params)
 
     def freeze_predicted(self, frozen: bool):
-        """Partial backward: with the predicted tensors frozen, autograd stops below the exact ones,
-        except in the droppable blocks that this step keeps (each skipped with probability
-        vsa_block_drop, drawn from (vsa_seed, step): the same on every rank, micro-batch and resume).
-        Their tensors stay trainable and the skipped blocks pass the gradient down unchanged."""
+        """Partial backward. Without droppable blocks, the predicted tensors are frozen and autograd
+        stops below the exact ones. With them (DropBP), only the tensors of the blocks this step
+        skips are frozen (each block skipped with probability vsa_block_drop, drawn from (vsa_seed,
+        step): the same on every rank, micro-batch and resume); a skipped block passes the gradient
+        down unchanged, so the kept blocks and the tensors outside blocks (embeddings) get theirs."""
         if self.block_skip is not None:
             self.block_skip.reset()
         if frozen and self.blocks:
             gen = torch.Generator().manual_seed(mix_seed(self.args.vsa_seed, 3, self.step))
             draw = torch.rand(len(self.blocks), generator=gen).tolist()  # host tensor: no device sync
             self.block_skip.skipped = {k for k, u in enumerate(draw) if u < self.args.vsa_block_drop}
-            self.computed = {i for k, idx in enumerate(self.block_tensors) if k not in self.block_skip.skipped
-                             for i in idx}
+            skipped = {i for k in self.block_skip.skipped for i in self.block_tensors[k]}
+            self.computed = set(range(len(self.params))) - skipped
         for i, p in enumerate(self.params):
             p.requires_grad_(not frozen or i in self.computed)
 

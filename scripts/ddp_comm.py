@@ -27,7 +27,10 @@ MODES = {
     "ternary_accumulation": dict(vsa_exact_fraction=0.3, vsa_min_cosine=0.0, gradient_accumulation_steps=2,
                                  vsa_ternary_accumulation=True),
     "no_backward": dict(vsa_exact_fraction=0.0, vsa_min_cosine=-1.0),
-    "partial": dict(vsa_exact_fraction=0.3, vsa_min_cosine=0.0),
+    # PREDICT steps: a backward that stops at the exact tensors
+    "partial": dict(vsa_exact_fraction=0.3, vsa_min_cosine=0.0, vsa_block_drop=1.0),
+    # PREDICT steps: the same, plus the lower blocks that this step's DropBP draw keeps
+    "dropbp": dict(vsa_exact_fraction=0.3, vsa_min_cosine=0.0, vsa_block_drop=0.5),
 }
 
 

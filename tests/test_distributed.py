@@ -37,7 +37,7 @@ def same_files(out, name):
     return a
 
 
-@pytest.mark.parametrize("mode", ["no_backward", "partial", "ternary_accumulation"])
+@pytest.mark.parametrize("mode", ["no_backward", "partial", "dropbp", "ternary_accumulation"])
 def test_ranks_stay_identical_and_predict_steps_skip_ddp_all_reduce(tmp_path, mode):
     # ternary_accumulation: each rank holds its own micro-batch codes; they must be back in .grad
     # before DDP averages it, or the ranks' weights would part.
@@ -50,6 +50,7 @@ def test_ranks_stay_identical_and_predict_steps_skip_ddp_all_reduce(tmp_path, mo
         if phase == "PREDICT":
             assert calls == 0  # DDP's reducer is never used on a PREDICT step
             # no_backward: no collective at all; partial: one bucket with the exact tensors only
+            # (dropbp: and the kept blocks' tensors; every rank draws the same blocks)
             assert (own == 0) if mode == "no_backward" else (0 < own)
         else:
             assert calls > 0 and own == 0
