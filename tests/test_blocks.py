@@ -44,10 +44,12 @@ def test_the_gradient_passes_a_skipped_block_unchanged():
     seen = {}
 
     def grab(name):
-        return lambda m, args, out: out.register_hook(lambda g: seen.__setitem__(name, g))
+        def hook(m, args, out):
+            out.register_hook(lambda g: seen.__setitem__(name, g))  # (returns None: output unchanged)
+        return hook
+    BlockSkip(layers).skipped = {1}  # (its hooks run first: "out" sees the rebuilt output)
     layers[0].register_forward_hook(grab("in"))  # the skipped block's input is layer 0's output
     layers[1].register_forward_hook(grab("out"))
-    BlockSkip(layers).skipped = {1}
     model(**batch()).loss.backward()
     assert torch.equal(seen["in"], seen["out"])
 
