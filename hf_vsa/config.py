@@ -107,7 +107,8 @@ class VSATrainingArguments(TrainingArguments):
                           "skips its backward with this probability, in [0, 1], drawn per step from vsa_seed. A "
                           "skipped block passes its output's gradient to its input unchanged (the residual path); "
                           "its tensors get the prediction, if the gate admits them, or no update. Every other "
-                          "tensor (kept blocks, embeddings) gets its exact gradient. A model with no such blocks "
+                          "tensor (kept blocks, embeddings; not those vsa_skip_sparse leaves out) gets its exact "
+                          "gradient. A model with no such blocks "
                           "gets the plain partial backward: every predicted tensor frozen."},
     )
     vsa_min_cosine: float = field(

@@ -232,7 +232,8 @@ class VSAEngine:
         stops below the exact ones. With them (DropBP), only the tensors of the blocks this step
         skips are frozen (each block skipped with probability vsa_block_drop, drawn from (vsa_seed,
         step): the same on every rank, micro-batch and resume); a skipped block passes the gradient
-        down unchanged, so the kept blocks and the tensors outside blocks (embeddings) get theirs."""
+        down unchanged, so the kept blocks and the tensors outside blocks (embeddings; not those
+        vsa_skip_sparse dropped) get theirs."""
         if self.block_skip is not None:
             self.block_skip.reset()
         if frozen and self.blocks:
@@ -240,9 +241,15 @@ class VSAEngine:
             draw = torch.rand(len(self.blocks), generator=gen).tolist()  # host tensor: no device sync
             self.block_skip.skipped = {k for k, u in enumerate(draw) if u < self.args.vsa_block_drop}
             skipped = {i for k in self.block_skip.skipped for i in self.block_tensors[k]}
-            self.computed = set(range(len(self.params))) - skipped
+            self.computed = set(range(len(self.params))) - skipped - self._sparse()
         for i, p in enumerate(self.params):
             p.requires_grad_(not frozen or i in self.computed)
+
+    def _sparse(self):
+        """Tensors vsa_skip_sparse dropped: they change on backprop steps only, also under DropBP.
+        (Untracked but never gated: retired tensors were kept out by the gate, closed >= 1.)"""
+        active = set(self.predictor.active)
+        return {i for i in range(len(self.params)) if i not in active and self.closed[i] == 0}
 
     def exact_grads(self):
         """The gradients a partial PREDICT step computed: the exact tensors' and the kept blocks'."""

@@ -111,11 +111,11 @@ def test_two_identical_runs_are_identical(tmp_path):
         assert torch.equal(x, out[1][0][n]), n
 
 
-def test_partial_backward_stops_below_the_exact_tensors(tmp_path):
+def test_partial_backward_with_every_lower_block_skipped_never_enters_them(tmp_path):
     model = make_model()
-    low = BackwardCounter(model.bert.embeddings.word_embeddings.weight)
+    low = BackwardCounter(model.bert.encoder.layer[0].attention.self.query.weight)
     top = BackwardCounter(model.classifier.weight)
-    t = VSATrainer(model=model, args=args(tmp_path, vsa_exact_fraction=0.3, **SCHEDULE),
+    t = VSATrainer(model=model, args=args(tmp_path, vsa_exact_fraction=0.3, vsa_block_drop=1.0, **SCHEDULE),
                    train_dataset=make_dataset(512), callbacks=[low, top])
     t.train()
     phases = t.vsa.phases
@@ -366,7 +366,7 @@ def test_no_tensor_is_predicted_before_its_prediction_is_measured(tmp_path, gate
     if gate > -1.0:  # the gate admits only what a CORRECT step has measured
         assert [n for n, _ in before] == [0] * len(before) and max(after) > 0
     else:  # gate off (the sketch preset): every tracked tensor is predicted from the first PREDICT step
-        assert all(n == m > 0 for n, m in before)  # (vsa_skip_sparse drops the embedding)
+        assert all(n == m for n, m in before) and max(m for _, m in before) > 0
 
 
 @pytest.mark.parametrize("precision", ["bf16_weights", "bf16_autocast"])
@@ -401,3 +401,40 @@ def test_activation_checkpointing_leaves_the_trajectory_unchanged(tmp_path):
         assert t.vsa.phases.count("PREDICT") > 0
         weights[on] = [p.detach().clone() for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(weights[False], weights[True]))
+
+
+def test_dropbp_predict_steps_compute_exactly_the_kept_blocks(tmp_path):
+    # vsa_block_drop=0.5 with only the head exact: on each PREDICT step the drawn blocks skip their
+    # backward (their tensors see no backward at all), the kept ones and the dense embeddings get
+    # theirs; backprop steps compute everything. Counted with autograd hooks, not our counters.
+    model = make_model()
+    bert = model.bert
+    probes = [bert.encoder.layer[0].attention.self.query.weight, bert.encoder.layer[1].output.dense.weight,
+              bert.embeddings.position_embeddings.weight, bert.embeddings.word_embeddings.weight]
+    counters = [BackwardCounter(p) for p in probes]
+    rows = []
+
+    class Grab(TrainerCallback):
+        def on_step_end(self, *a, **kw):
+            rows.append((t.vsa.phase, set(t.vsa.computed), t.vsa._sparse()))
+
+    t = VSATrainer(model=model, args=args(tmp_path, max_steps=40, vsa_exact_fraction=0.1, vsa_block_drop=0.5,
+                                          **SCHEDULE),
+                   train_dataset=make_dataset(512), callbacks=[*counters, Grab()])
+    t.train()
+    e = t.vsa
+    assert e.blocks == list(bert.encoder.layer)
+    index = [next(i for i, q in enumerate(e.params) if q is p) for p in probes]
+    kept = [[] for _ in probes]
+    for k, (phase, computed, sparse) in enumerate(rows):
+        for j, (c, i) in enumerate(zip(counters, index)):
+            if phase is not Phase.PREDICT:
+                assert c.per_step[k] == 1
+                continue
+            assert c.per_step[k] == (i in computed)
+            assert all(set(b) <= computed or not set(b) & computed for b in e.block_tensors)  # whole blocks
+            kept[j].append(i in computed)
+    assert all(True in k and False in k for k in kept[:2])  # each block both kept and skipped
+    assert all(kept[2])  # the position embeddings: dense, outside the blocks
+    if index[3] in rows[-1][2]:  # vsa_skip_sparse dropped the word embeddings: never computed
+        assert not any(kept[3])
