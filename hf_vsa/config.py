@@ -108,8 +108,8 @@ class VSATrainingArguments(TrainingArguments):
                           "skipped block passes its output's gradient to its input unchanged (the residual path); "
                           "its tensors get the prediction, if the gate admits them, or no update. Every other "
                           "tensor (kept blocks, embeddings; not those vsa_skip_sparse leaves out) gets its exact "
-                          "gradient. A model with no such blocks "
-                          "gets the plain partial backward: every predicted tensor frozen."},
+                          "gradient. 1, or a model with no such blocks: every predicted tensor is frozen, so the "
+                          "backward stops at the exact tensors."},
     )
     vsa_min_cosine: float = field(
         default=0.2,

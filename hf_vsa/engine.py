@@ -35,7 +35,7 @@ class VSAEngine:
         # (below the exact ones) skip their backward at random; the others' tensors are computed.
         index = {id(p): i for i, p in enumerate(self.params)}
         self.blocks, owned = [], []  # droppable blocks; per block, the indices of its tensors
-        if exact and args.vsa_block_drop < 1.0:
+        if exact and args.vsa_block_drop < 1.0:  # 1: no block computed, all frozen, as with no blocks
             for b in find_blocks(model):
                 mine = [q for q in b.parameters() if q.requires_grad]
                 if mine and all(id(q) in index for q in mine):

@@ -111,9 +111,9 @@ def test_two_identical_runs_are_identical(tmp_path):
         assert torch.equal(x, out[1][0][n]), n
 
 
-def test_partial_backward_with_every_lower_block_skipped_never_enters_them(tmp_path):
+def test_partial_backward_stops_below_the_exact_tensors_with_block_drop_1(tmp_path):
     model = make_model()
-    low = BackwardCounter(model.bert.encoder.layer[0].attention.self.query.weight)
+    low = BackwardCounter(model.bert.embeddings.word_embeddings.weight)
     top = BackwardCounter(model.classifier.weight)
     t = VSATrainer(model=model, args=args(tmp_path, vsa_exact_fraction=0.3, vsa_block_drop=1.0, **SCHEDULE),
                    train_dataset=make_dataset(512), callbacks=[low, top])
