@@ -84,6 +84,10 @@ def main(argv=None):
         full = steps - predicted
         how = (f"forward + backward through the top {args.vsa_exact_fraction:.0%} of trainable tensors only"
                if trainer.vsa.partial else "no backward")
+        if trainer.vsa.blocks:
+            how = (f"forward + backward through the top {args.vsa_exact_fraction:.0%} of trainable tensors and, "
+                   f"below them, each of {len(trainer.vsa.blocks)} blocks with probability "
+                   f"{1 - args.vsa_block_drop:g} (DropBP)")
     print(f"\n== {cls.__name__} summary ==")
     print(f"optimizer steps        {steps}")
     print(f"full backward passes   {full}")
