@@ -15,11 +15,13 @@ from .controller import Phase
 STATE_FILE = "vsa_state.safetensors"
 # Bumped whenever saved state would be read differently (2: VSA keys made from random bytes;
 # predictor `active` tensors; 3: the gate's per-tensor streaks, for retirement; 4: buffers allocated at
-# the first record, and the peak state ratio; 5: the residual stored in 4 bits, not ternary).
-STATE_VERSION = 5
+# the first record, and the peak state ratio; 5: the residual stored in 4 bits, not ternary; 6: the
+# predictor may hold a probe's samples, not whole tensors).
+STATE_VERSION = 6
 # Settings whose change makes saved state meaningless.
 STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum", "vsa_compression",
-                  "vsa_history_window", "vsa_compression_block", "vsa_ternary_rounding", "vsa_bundle_size")
+                  "vsa_history_window", "vsa_compression_block", "vsa_ternary_rounding", "vsa_bundle_size",
+                  "vsa_probe_fraction")
 _ENGINE_INTS = ("step", "corrections", "cycle_n", "log_n")
 _ENGINE_TENSORS = ("cosine", "cosine_sum", "tensor_cosine", "tensor_trust")
 # Measured-loss sums differ by rank (each rank sees its own data): saved as one row per rank.
@@ -49,6 +51,7 @@ def engine_state(engine, rows=None):
         meta[f"engine/{name}"] = getattr(engine, name)
     meta["engine/closed"] = list(engine.closed)
     meta["engine/peak_state_ratio"] = engine.peak_state_ratio
+    meta["engine/probing"] = engine.probe is not None
     meta["engine/phase"] = -1 if engine.phase is None else int(engine.phase)
     meta["engine/seconds"] = engine.seconds
     meta["controller"] = engine.controller.state_dict()
@@ -92,6 +95,13 @@ def load_engine(engine, directory, rank=0, world=1):
     changed = {k: (meta["settings"].get(k), v) for k, v in settings.items() if meta["settings"].get(k) != v}
     if changed:
         raise ValueError(f"{path}: saved with different settings (saved, now): {changed}")
+    probing = meta.get("engine/probing")
+    if probing and engine.probe is None:
+        raise ValueError(f"{path}: saved while the predictor measured a sample of each tensor (vsa_probe_fraction="
+                         f"{engine.args.vsa_probe_fraction}), but this run has no probe (vsa_min_cosine=-1 turns it "
+                         "off); resume with the saved vsa_min_cosine")
+    if not probing and engine.probe is not None:  # saved after the probe ended: full histories
+        engine.end_probe(log=False)
     try:  # the tensors the state tracks decide the buffers' shapes checked below
         engine.predictor.set_active(meta["predictor/active"])
     except (KeyError, TypeError, ValueError) as e:

@@ -13,7 +13,7 @@ PRESETS = {
     "sketch": dict(vsa_predictor="wls", vsa_warmup_steps=10, vsa_full_steps=5, vsa_predict_steps=20,
                    vsa_correct_every=5, vsa_adaptive_phases=False, vsa_predict_forward=False,
                    vsa_exact_fraction=0.0, vsa_block_drop=1.0, vsa_min_cosine=-1.0, vsa_trust="none", vsa_skip_sparse=False,
-                   vsa_retire_after=0),
+                   vsa_retire_after=0, vsa_probe_fraction=0.0),
 }
 # Optimizers that update parameters inside backward: with no backward there is no update at
 # all, and a gradient written into .grad is never read.
@@ -125,6 +125,14 @@ class VSATrainingArguments(TrainingArguments):
                           "spending time and memory on a prediction that has not been good enough to use. "
                           "0: never retire."},
     )
+    vsa_probe_fraction: float = field(
+        default=0.0625,
+        metadata={"help": "With the gate on (vsa_min_cosine > -1): until the first CORRECT step has measured the "
+                          "predictions, the predictor tracks only this fraction of each tensor's blocks (a seeded "
+                          "random sample, at least 16 blocks; small tensors whole), in [0, 1]. At the next FULL "
+                          "block the tensors still tracked (not retired by the gate) get a full history, starting "
+                          "then; the others never cost one. 0: full histories from the start."},
+    )
     vsa_skip_sparse: bool = field(
         default=True,
         metadata={"help": "Tensors whose first recorded gradient is at least half exact zeros (embedding rows of "
@@ -216,6 +224,8 @@ class VSATrainingArguments(TrainingArguments):
             raise ValueError(f"vsa_retire_after must be >= 0 (0: never retire), got {self.vsa_retire_after}")
         if not 0.0 <= self.vsa_block_drop <= 1.0:
             raise ValueError(f"vsa_block_drop must be in [0, 1], got {self.vsa_block_drop}")
+        if not 0.0 <= self.vsa_probe_fraction <= 1.0:
+            raise ValueError(f"vsa_probe_fraction must be in [0, 1] (0: no probe), got {self.vsa_probe_fraction}")
         if not -1.0 <= self.vsa_min_cosine <= 1.0:
             raise ValueError(f"vsa_min_cosine must be in [-1, 1], got {self.vsa_min_cosine}")
         if self.vsa_predictor not in PREDICTORS:

@@ -123,6 +123,11 @@ class PhaseController:
         return 0
 
     @property
+    def at_block_start(self) -> bool:
+        """The step just decided is the first of its FULL or PREDICT block."""
+        return self.left == (self.full if self.block is Phase.FULL else self.predict) - 1
+
+    @property
     def backward_steps(self) -> int:
         return self.step - self.counts["PREDICT"]
 

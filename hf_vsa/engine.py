@@ -13,6 +13,7 @@ from .blocks import BlockSkip, find_blocks
 from .compress import TernaryAccumulator, mix_seed
 from .controller import Phase, PhaseController
 from .predictor import GradientPredictor
+from .probe import Probe
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +58,12 @@ class VSAEngine:
             predict_steps=args.vsa_predict_steps, correct_every=args.vsa_correct_every,
             min_history=args.vsa_history_window, adaptive=args.vsa_adaptive_phases,
             loss_threshold=args.vsa_loss_threshold, residual_threshold=args.vsa_residual_threshold)
-        self.predictor = GradientPredictor(
-            self.params, kind=args.vsa_predictor, decay=args.vsa_history_decay,
-            residual_decay=args.vsa_residual_decay, momentum=args.vsa_momentum,
-            compression=args.vsa_compression, window=args.vsa_history_window, block=args.vsa_compression_block,
-            rounding=args.vsa_ternary_rounding, bundle=args.vsa_bundle_size, seed=args.vsa_seed)
+        # With the gate on, the predictor first tracks a sample of each tensor (probe.py); the tensors
+        # still tracked after the first cycle's measurements get a full history (end_probe).
+        self.probe, self.probe_done = None, False
+        if args.vsa_probe_fraction > 0 and args.vsa_min_cosine > -1.0:
+            self.probe = Probe(self.params, args.vsa_probe_fraction, args.vsa_compression_block, args.vsa_seed)
+        self.predictor = self._new_predictor(self.params if self.probe is None else self.probe.stand_ins)
         self.accumulator = None  # ternary gradient accumulation (gradient_accumulation_steps > 1)
         if args.vsa_ternary_accumulation and args.gradient_accumulation_steps > 1:
             self.accumulator = TernaryAccumulator([*self.params, *self.exact_params], args.vsa_compression_block,
@@ -85,6 +87,26 @@ class VSAEngine:
         # (after vsa_skip_sparse has dropped tensors); after it they only shrink (retired tensors).
         self.peak_state_ratio = 0.0
 
+    def _new_predictor(self, tensors):
+        a = self.args
+        return GradientPredictor(
+            tensors, kind=a.vsa_predictor, decay=a.vsa_history_decay, residual_decay=a.vsa_residual_decay,
+            momentum=a.vsa_momentum, compression=a.vsa_compression, window=a.vsa_history_window,
+            block=a.vsa_compression_block, rounding=a.vsa_ternary_rounding, bundle=a.vsa_bundle_size, seed=a.vsa_seed)
+
+    def end_probe(self, log=True):
+        """The probe's measurements are in: the tensors it still tracks (not dropped, not retired) get
+        a full history from now on, starting empty; the others are never tracked in full. The gate's
+        per-tensor cosines, streaks and corrections carry over: they measure the same predictions."""
+        promoted = list(self.predictor.active)
+        self.probe, self.probe_done = None, True
+        self.predictor = self._new_predictor(self.params)
+        self.predictor.set_active(promoted)
+        self.refresh_mask()
+        if log:
+            logger.info("hf_vsa: step %d: probe done; %d of %d tensors tracked in full from now on: %s", self.step,
+                        len(promoted), len(self.params), [self.names[i] for i in promoted])
+
     # ---- per optimizer step ----------------------------------------------------------------
     def begin_step(self, global_step: int) -> Phase:
         """Phase of optimizer step `global_step`; decided once, whatever the micro-batch."""
@@ -94,6 +116,11 @@ class VSAEngine:
             self.computed = set()
             self.phase = self.controller.next_phase(self._take_cycle_loss)
             self.phases.append(self.phase.name)
+            # The probe ends at the first FULL block after a CORRECT step has measured it, so the full
+            # history fills during that block, before the next PREDICT block reads it.
+            if (self.probe is not None and self.phase is Phase.FULL and self.controller.at_block_start
+                    and (self.corrections or not self.predictor.active)):
+                self.end_probe()
         return self.phase
 
     def _take_cycle_loss(self) -> float:
@@ -129,9 +156,11 @@ class VSAEngine:
             # (the first WARMUP steps, or a FULL block longer than the window), so skip its cost.
             return
         grads = self._grads(None if grad_scale is None else 1.0 / grad_scale)
-        first = self.predictor.last_t < 0
-        if first and self.args.vsa_skip_sparse:
+        first = self.predictor.last_t < 0  # the first record of this predictor (probe or full)
+        if first and not self.probe_done and self.args.vsa_skip_sparse:
             self._drop_sparse(grads)
+        if self.probe is not None:
+            grads = self.probe.sample(grads)
         if not self.predictor.active:  # every tensor dropped or retired: nothing to record or compare
             return
         if self.phase is Phase.CORRECT:
@@ -189,7 +218,7 @@ class VSAEngine:
         for i, keep in enumerate(self.predict_mask):
             if i in self.computed:  # its block ran its backward: the exact gradient stays
                 continue
-            if keep:
+            if keep and self.probe is None:  # a probe measures; it has no full prediction to give
                 index.append(i)
             else:
                 self.params[i].grad = None
@@ -277,7 +306,9 @@ class VSAEngine:
         total = sum(self.seconds.values())
         out["vsa/speedup_estimate"] = (steps * bw_time / backward / total) if backward and total else 1.0
         out["vsa/nonfinite_records_skipped"] = self.predictor.skipped
-        out["vsa/predicted_tensor_fraction"] = sum(self.predict_mask) / len(self.predict_mask)
+        out["vsa/predicted_tensor_fraction"] = 0.0 if self.probe is not None else sum(self.predict_mask) / len(
+            self.predict_mask)
+        out["vsa/probing"] = float(self.probe is not None)
         out["vsa/tracked_tensor_fraction"] = len(self.predictor.active) / len(self.params)
         out["vsa/state_memory_ratio"] = self.state_memory_ratio()
         self.peak_state_ratio = max(self.peak_state_ratio, out["vsa/state_memory_ratio"])

@@ -69,6 +69,23 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, straight, at):
             assert torch.equal(so[k][name], ro[k][name])
 
 
+@pytest.mark.parametrize("at", [11, 13], ids=["probe_ends_on_resume", "after_the_probe"])
+def test_resume_across_the_end_of_the_probe_equals_the_uninterrupted_run(tmp_path, at):
+    """Blocks of 4 elements, so the probe samples the big tensors; it ends at step 12 (the first FULL
+    step after the first CORRECT): resumed before it, and after it, the run is the same."""
+    kw = dict(vsa_compression_block=4)
+    out = tmp_path / "straight"
+    model, t = train(out, max_steps=16, **kw)
+    resumed_model, r = train(tmp_path / "resumed", resume=str(out / f"checkpoint-{at}"), max_steps=16, **kw)
+    assert (r.vsa.probe is None) and (t.vsa.probe is None) and r.vsa.predictor.active == t.vsa.predictor.active
+    assert r.vsa.phases == t.vsa.phases[at:] and losses(r, at) == losses(t, at)
+    for (n, x), (_, y) in zip(model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(x, y), n
+    probed = json.loads(safe_open(str(out / "checkpoint-11" / ckpt.STATE_FILE), "pt").metadata()["hf_vsa"])
+    full = json.loads(safe_open(str(out / "checkpoint-12" / ckpt.STATE_FILE), "pt").metadata()["hf_vsa"])
+    assert probed["engine/probing"] and not full["engine/probing"]
+
+
 def test_resume_true_takes_the_last_checkpoint(tmp_path):
     train(tmp_path, max_steps=12)
     model, t = train(tmp_path, resume=True, max_steps=STEPS)
@@ -129,6 +146,15 @@ def test_truncated_file_is_refused(tmp_path, checkpoint):
 def test_changed_setting_is_refused(tmp_path, checkpoint):
     _, go = resume_error(tmp_path, checkpoint, vsa_history_decay=0.8)
     with pytest.raises(ValueError, match="vsa_history_decay"):
+        go()
+
+
+def test_state_saved_while_probing_needs_the_probe_on_resume(tmp_path, checkpoint):
+    _, go = resume_error(tmp_path, checkpoint, vsa_min_cosine=-1.0)  # an open gate has no probe
+    with pytest.raises(ValueError, match="vsa_state.safetensors: saved while the predictor measured a sample"):
+        go()
+    _, go = resume_error(tmp_path / "b", checkpoint, vsa_probe_fraction=0.5)
+    with pytest.raises(ValueError, match="vsa_probe_fraction"):
         go()
 
 

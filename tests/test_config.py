@@ -35,7 +35,7 @@ def test_every_field_has_help():
     ("vsa_history_decay", 0.0), ("vsa_history_decay", 1.5), ("vsa_history_window", 1),
     ("vsa_residual_decay", -0.1), ("vsa_residual_decay", 1.1), ("vsa_residual_threshold", 0.5),
     ("vsa_loss_threshold", 0.0), ("vsa_predictor", "kalman"), ("vsa_momentum", 1.0),
-    ("vsa_exact_fraction", 1.0), ("vsa_block_drop", -0.1), ("vsa_block_drop", 1.5), ("vsa_min_cosine", 2.0), ("vsa_retire_after", -1), ("vsa_preset", "turbo"),
+    ("vsa_exact_fraction", 1.0), ("vsa_block_drop", -0.1), ("vsa_block_drop", 1.5), ("vsa_min_cosine", 2.0), ("vsa_probe_fraction", -0.1), ("vsa_probe_fraction", 1.5), ("vsa_retire_after", -1), ("vsa_preset", "turbo"),
     ("vsa_compression", "zip"), ("vsa_compression_block", 6), ("vsa_compression_block", 0),
     ("vsa_ternary_rounding", "up"), ("vsa_bundle_size", 1), ("vsa_bundle_size", 8), ("vsa_trust", "full"),
 ])

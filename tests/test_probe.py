@@ -1,0 +1,123 @@
+"""The probe: the predictor measures a sample of each tensor before any tensor gets a full history."""
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from conftest import make_dataset, make_model
+from hf_vsa import GradientPredictor, Phase, VSATrainer, VSATrainingArguments
+from hf_vsa.probe import MIN_BLOCKS, Probe
+
+SCHEDULE = dict(vsa_warmup_steps=3, vsa_history_window=3, vsa_full_steps=2, vsa_predict_steps=6,
+                vsa_correct_every=3, vsa_adaptive_phases=False)
+# Blocks of 4 elements: the tiny model's 32x32 matrices have 256 blocks, so the probe samples them.
+SAMPLED = dict(SCHEDULE, vsa_compression_block=4)
+
+
+def test_a_probe_samples_whole_blocks_chosen_by_the_seed():
+    params = [torch.zeros(1000), torch.zeros(64), torch.zeros(30, 7)]
+    probe = Probe(params, fraction=0.25, block=4, seed=1)
+    big = probe.index[0]
+    assert len(big) == 63 and torch.equal(big, big.sort().values) and len(set(big.tolist())) == 63
+    assert probe.index[1] is None and probe.stand_ins[1] is params[1]  # 16 blocks: probed whole
+    assert len(probe.index[2]) == MIN_BLOCKS  # 52 whole blocks, a quarter is 13: at least 16
+    g = [torch.randn(1000), torch.randn(64), torch.randn(30, 7)]
+    s = probe.sample(g)
+    assert torch.equal(s[0], g[0].view(-1, 4)[big].reshape(-1)) and s[1] is g[1]
+    assert [x.numel() for x in s] == [x.numel() for x in probe.stand_ins] == [252, 64, 64]
+    assert torch.equal(Probe(params, 0.25, 4, seed=1).index[0], big)
+    assert not torch.equal(Probe(params, 0.25, 4, seed=2).index[0], big)
+
+
+def test_the_probe_measures_the_cosine_the_full_tensor_would():
+    """Per-tensor prediction cosines measured on a 1/16 sample match those measured on the whole
+    tensors, from predictions that are poor, fair and good."""
+    gen = torch.Generator().manual_seed(0)
+    n = 1 << 16
+    base = [torch.randn(n, generator=gen) for _ in range(3)]
+    noise = [8.0, 1.0, 0.1]  # per tensor: noise scale against a fixed gradient
+
+    def grads():
+        return [b + s * torch.randn(n, generator=gen) for b, s in zip(base, noise)]
+
+    params = [torch.zeros(n) for _ in range(3)]
+    probe = Probe(params, fraction=1 / 16, block=256, seed=0)
+    full, sampled = (GradientPredictor(ps, compression="ternary", window=4) for ps in (params, probe.stand_ins))
+    for t in range(4):
+        g = grads()
+        full.record(g, t)
+        sampled.record(probe.sample(g), t)
+    g = grads()
+    whole = full.correct(g, 4)[2]
+    part = sampled.correct(probe.sample(g), 4)[2]
+    assert whole[0] < 0.2 < whole[1] < 0.8 < whole[2]
+    assert torch.allclose(whole, part, atol=0.03), (whole, part)
+
+
+class StepLog(TrainerCallback):
+    """Per optimizer step, at the optimizer step: phase, whether the engine probes, the elements the
+    predictor tracks, the tensors it records, and which lower tensors hold a predicted gradient."""
+
+    def __init__(self):
+        self.rows, self.trainer = [], None
+
+    def on_pre_optimizer_step(self, *a, **kw):
+        e = self.trainer.vsa
+        predicted = [i for i in set(e.predictor.active) - e.computed if e.params[i].grad is not None]
+        self.rows.append(dict(phase=e.phase, probing=e.probe is not None, active=list(e.predictor.active),
+                              elements=sum(e.predictor.params[i].numel() for i in e.predictor.active),
+                              predicted=predicted if e.phase is Phase.PREDICT else None,
+                              state=e.state_memory_ratio()))
+
+
+def run(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), max_steps=30, per_device_train_batch_size=8, learning_rate=1e-3,
+                logging_steps=5, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    log = StepLog()
+    log.trainer = VSATrainer(model=make_model(), args=VSATrainingArguments(**{**base, **kw}),
+                             train_dataset=make_dataset(512), callbacks=[log])
+    log.trainer.train()
+    return log.trainer, log.rows
+
+
+def test_full_histories_start_at_the_first_full_block_after_a_measurement(tmp_path):
+    # The gate admits every measured tensor and never retires one: the probe's measurements decide nothing
+    # here, so what the probe changes is only what is tracked, and when predictions start.
+    t, rows = run(tmp_path, vsa_min_cosine=-0.99, vsa_retire_after=0, **SAMPLED)
+    e = t.vsa
+    first_correct = next(k for k, r in enumerate(rows) if r["phase"] is Phase.CORRECT)
+    switch = next(k for k, r in enumerate(rows) if not r["probing"])
+    assert rows[switch]["phase"] is Phase.FULL and rows[switch - 1]["phase"] is not Phase.FULL
+    assert switch > first_correct and all(r["probing"] for r in rows[:switch])
+    assert not any(r["probing"] for r in rows[switch:])
+    total = sum(p.numel() for p in e.params)
+    probed = rows[switch - 1]
+    assert probed["elements"] < 0.5 * total  # the probe tracks samples of the big tensors...
+    assert rows[switch]["elements"] == sum(e.params[i].numel() for i in probed["active"])  # ...then full tensors
+    assert rows[switch]["active"] == probed["active"]
+    # No prediction while probing, though the gate admits; from the full history's first PREDICT block on, some.
+    assert all(r["predicted"] == [] for r in rows[:switch] if r["predicted"] is not None)
+    assert any(r["predicted"] for r in rows[switch:] if r["predicted"] is not None)
+
+
+def test_tensors_retired_while_probing_never_get_a_full_history(tmp_path):
+    # A gate nothing passes: every probed tensor retires at the second CORRECT step, before the switch.
+    t, rows = run(tmp_path, vsa_min_cosine=1.0, vsa_retire_after=2, vsa_skip_sparse=False,
+                  **dict(SAMPLED, vsa_predict_steps=9))
+    switch = next(k for k, r in enumerate(rows) if not r["probing"])
+    assert rows[switch - 1]["active"] == [] and t.vsa.predictor.active == []
+    assert t.vsa.predictor.params == t.vsa.params  # the full predictor exists, but tracks nothing
+    assert max(r["state"] for r in rows[switch:]) == 0.0
+
+
+def test_the_probe_costs_a_fraction_of_the_full_state(tmp_path):
+    _, probed = run(tmp_path / "a", **SAMPLED, max_steps=10)
+    _, full = run(tmp_path / "b", vsa_probe_fraction=0.0, **SAMPLED, max_steps=10)
+    assert all(r["probing"] for r in probed) and not any(r["probing"] for r in full)
+    assert 0 < max(r["state"] for r in probed) < 0.5 * max(r["state"] for r in full)
+
+
+@pytest.mark.parametrize("kw", [dict(vsa_probe_fraction=0.0), dict(vsa_min_cosine=-1.0), dict(vsa_preset="sketch")],
+                         ids=["fraction_0", "gate_off", "sketch"])
+def test_no_probe_without_a_fraction_or_a_gate(tmp_path, kw):
+    t, rows = run(tmp_path, max_steps=6, **{**SAMPLED, **kw})
+    assert not any(r["probing"] for r in rows) and t.vsa.predictor.params == t.vsa.params
