@@ -117,9 +117,11 @@ class VSAEngine:
             self.phase = self.controller.next_phase(self._take_cycle_loss)
             self.phases.append(self.phase.name)
             # The probe ends at the first FULL block after a CORRECT step has measured it, so the full
-            # history fills during that block, before the next PREDICT block reads it.
-            if (self.probe is not None and self.phase is Phase.FULL and self.controller.at_block_start
-                    and (self.corrections or not self.predictor.active)):
+            # history fills during that block, before the next PREDICT block reads it (with no FULL
+            # blocks, at the next PREDICT block: its CORRECT steps fill the history).
+            c = self.controller
+            if (self.probe is not None and c.at_block_start and c.block is not Phase.WARMUP
+                    and (c.block is Phase.FULL or c.full == 0) and (self.corrections or not self.predictor.active)):
                 self.end_probe()
         return self.phase
 
@@ -223,6 +225,10 @@ class VSAEngine:
             else:
                 self.params[i].grad = None
         if not index:
+            return
+        if self.predictor.last_t < 0:  # nothing recorded yet (a full history that just started): no update
+            for i in index:
+                self.params[i].grad = None
             return
         pred = self.predictor.predict(self.step, index)
         if self.args.vsa_trust == "fitted":

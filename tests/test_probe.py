@@ -121,3 +121,13 @@ def test_the_probe_costs_a_fraction_of_the_full_state(tmp_path):
 def test_no_probe_without_a_fraction_or_a_gate(tmp_path, kw):
     t, rows = run(tmp_path, max_steps=6, **{**SAMPLED, **kw})
     assert not any(r["probing"] for r in rows) and t.vsa.predictor.params == t.vsa.params
+
+
+def test_without_full_blocks_the_probe_ends_at_the_next_predict_block(tmp_path):
+    t, rows = run(tmp_path, vsa_min_cosine=-0.99, vsa_retire_after=0, **dict(SAMPLED, vsa_full_steps=0))
+    switch = next(k for k, r in enumerate(rows) if not r["probing"])
+    assert rows[switch]["phase"] is Phase.PREDICT and rows[switch - 1]["phase"] is Phase.PREDICT
+    # The full history is empty at the switch: no update from it until a CORRECT step has recorded.
+    first_record = next(k for k in range(switch, len(rows)) if rows[k]["phase"] is Phase.CORRECT)
+    assert all(r["predicted"] == [] for r in rows[:first_record] if r["predicted"] is not None)
+    assert any(r["predicted"] for r in rows[first_record:] if r["predicted"] is not None)
