@@ -127,11 +127,12 @@ class VSATrainingArguments(TrainingArguments):
     )
     vsa_probe_fraction: float = field(
         default=0.0625,
-        metadata={"help": "With the gate on (vsa_min_cosine > -1): until the first CORRECT step has measured the "
+        metadata={"help": "With the gate on (vsa_min_cosine > -1): until CORRECT steps have measured the "
                           "predictions, the predictor tracks only this fraction of each tensor's blocks (a seeded "
-                          "random sample, at least 16 blocks; small tensors whole), in [0, 1]. At the next FULL "
-                          "block the tensors still tracked (not retired by the gate) get a full history, starting "
-                          "then; the others never cost one. 0: full histories from the start."},
+                          "random sample, at least 16 blocks; small tensors whole), in [0, 1]. At the first FULL "
+                          "block after a CORRECT step, the tensors still tracked (not retired by the gate) get a "
+                          "full history, starting then; the others never cost one. 0: full histories from the "
+                          "start."},
     )
     vsa_skip_sparse: bool = field(
         default=True,

@@ -48,6 +48,3 @@ class Probe:
                 whole = g.numel() // self.block
                 out.append(g.reshape(-1)[:whole * self.block].view(whole, self.block).index_select(0, idx).view(-1))
         return out
-
-    def elements(self) -> int:
-        return sum(s.numel() for s in self.stand_ins)
