@@ -403,6 +403,18 @@ def test_activation_checkpointing_leaves_the_trajectory_unchanged(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(weights[False], weights[True]))
 
 
+def test_torch_compile_runs_the_schedule_and_predict_steps_update(tmp_path):
+    # torch_compile=True: the Trainer compiles the model; the partial backward toggles requires_grad and
+    # DropBP's hooks switch grad mode inside the forward, which recompile (a few times) but must run.
+    model = make_model()
+    head = model.classifier.weight  # an exact tensor: it moves on every step, PREDICT steps included
+    t, watch = watched(model, head, args(tmp_path, torch_compile=True, max_steps=14, **SCHEDULE))
+    t.train()
+    assert t.vsa.phases == expected_phases(14, **SCHEDULE)
+    assert Phase.PREDICT in {phase for phase, _, _ in watch.rows}
+    assert all(moved for _, _, moved in watch.rows)
+
+
 def test_dropbp_predict_steps_compute_exactly_the_kept_blocks(tmp_path):
     # vsa_block_drop=0.5 with only the head exact: on each PREDICT step the drawn blocks skip their
     # backward (their tensors see no backward at all), the kept ones and the dense embeddings get
