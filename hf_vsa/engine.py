@@ -216,19 +216,18 @@ class VSAEngine:
         """Last micro-batch of a PREDICT step: the predicted gradient goes into .grad, on the
         scale the Trainer expects (times the fp16 loss scale when there is one). Tensors whose
         prediction is not trusted get no gradient, hence no update, this step."""
+        # A probe measures and has no full prediction to give; a full history with no record yet
+        # (it just started) has nothing to predict from: no update from either.
+        usable = self.probe is None and self.predictor.last_t >= 0
         index = []
         for i, keep in enumerate(self.predict_mask):
             if i in self.computed:  # its block ran its backward: the exact gradient stays
                 continue
-            if keep and self.probe is None:  # a probe measures; it has no full prediction to give
+            if keep and usable:
                 index.append(i)
             else:
                 self.params[i].grad = None
         if not index:
-            return
-        if self.predictor.last_t < 0:  # nothing recorded yet (a full history that just started): no update
-            for i in index:
-                self.params[i].grad = None
             return
         pred = self.predictor.predict(self.step, index)
         if self.args.vsa_trust == "fitted":
