@@ -415,11 +415,15 @@ def test_torch_compile_runs_the_schedule_and_predict_steps_update(tmp_path):
     assert all(moved for _, _, moved in watch.rows)
 
 
-def test_dropbp_predict_steps_compute_exactly_the_kept_blocks(tmp_path):
+@pytest.mark.parametrize("checkpointing", [None, {"use_reentrant": False}, {"use_reentrant": True}],
+                         ids=["plain", "checkpointing", "checkpointing_reentrant"])
+def test_dropbp_predict_steps_compute_exactly_the_kept_blocks(tmp_path, checkpointing):
     # vsa_block_drop=0.5 with only the head exact: on each PREDICT step the drawn blocks skip their
     # backward (their tensors see no backward at all), the kept ones and the dense embeddings get
     # theirs; backprop steps compute everything. Counted with autograd hooks, not our counters.
+    # Also under gradient checkpointing, which recomputes the kept blocks' forward in backward.
     model = make_model()
+    gc = {} if checkpointing is None else dict(activation_checkpointing=True, activation_checkpointing_kwargs=checkpointing)
     bert = model.bert
     probes = [bert.encoder.layer[0].attention.self.query.weight, bert.encoder.layer[1].output.dense.weight,
               bert.embeddings.position_embeddings.weight, bert.embeddings.word_embeddings.weight]
@@ -431,9 +435,10 @@ def test_dropbp_predict_steps_compute_exactly_the_kept_blocks(tmp_path):
             rows.append((t.vsa.phase, set(t.vsa.computed), t.vsa._sparse()))
 
     t = VSATrainer(model=model, args=args(tmp_path, max_steps=40, vsa_exact_fraction=0.1, vsa_block_drop=0.5,
-                                          **SCHEDULE),
+                                          **gc, **SCHEDULE),
                    train_dataset=make_dataset(512), callbacks=[*counters, Grab()])
     t.train()
+    assert model.is_gradient_checkpointing == (checkpointing is not None)
     e = t.vsa
     assert e.blocks == list(bert.encoder.layer)
     index = [next(i for i, q in enumerate(e.params) if q is p) for p in probes]
