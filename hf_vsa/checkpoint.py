@@ -16,8 +16,8 @@ STATE_FILE = "vsa_state.safetensors"
 # Bumped whenever saved state would be read differently (2: VSA keys made from random bytes;
 # predictor `active` tensors; 3: the gate's per-tensor streaks, for retirement; 4: buffers allocated at
 # the first record, and the peak state ratio; 5: the residual stored in 4 bits, not ternary; 6: the
-# predictor may hold a probe's samples, not whole tensors).
-STATE_VERSION = 6
+# predictor may hold a probe's samples, not whole tensors; 7: the probe's sample, drawn from the first gradient).
+STATE_VERSION = 7
 # Settings whose change makes saved state meaningless.
 STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum", "vsa_compression",
                   "vsa_history_window", "vsa_compression_block", "vsa_ternary_rounding", "vsa_bundle_size",
@@ -44,6 +44,10 @@ def engine_state(engine, rows=None):
             tensors[f"predictor/{key}"] = value
         else:
             meta[f"predictor/{key}"] = value
+    if engine.probe is not None:
+        for key, value in engine.probe.state_dict().items():
+            kind, i = key.split(".")
+            tensors[f"probe/{kind}.{engine.names[int(i)]}"] = value
     for name in _ENGINE_TENSORS:
         tensors[f"engine/{name}"] = getattr(engine, name)
     tensors["engine/rank_local"] = rank_local(engine)[None] if rows is None else rows
@@ -102,6 +106,19 @@ def load_engine(engine, directory, rank=0, world=1):
                          "off); resume with the saved vsa_min_cosine")
     if not probing and engine.probe is not None:  # saved after the probe ended: full histories
         engine.end_probe(log=False)
+    if engine.probe is not None:  # the sample drawn from the first gradient, if it was drawn
+        index = {n: i for i, n in enumerate(engine.names)}
+        sample = {}
+        for key in tensors:
+            if key.startswith("probe/"):
+                kind, _, name = key[len("probe/"):].partition(".")
+                if name not in index:
+                    raise ValueError(f"{path}: {key} names no trainable parameter of the model")
+                sample[f"{kind}.{index[name]}"] = tensors[key]
+        try:
+            engine.probe.load_state_dict(sample, names=engine.names)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
     try:  # the tensors the state tracks decide the buffers' shapes checked below
         engine.predictor.set_active(meta["predictor/active"])
     except (KeyError, TypeError, ValueError) as e:

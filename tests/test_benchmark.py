@@ -46,3 +46,21 @@ def test_quick_memory_benchmark_measures_every_kind_against_none(tmp_path):
     train = {r["kind"]: r for r in data["training"]["sentiment"]}
     assert set(train) == {"none", "ternary", "vsa"} and train["none"]["eval_vs_none"] == 0
     assert train["ternary"]["state_ratio"] < train["none"]["state_ratio"]
+
+
+def test_gradient_noise_measures_cosines_against_the_actual_gradient(tmp_path):
+    sys.path.insert(0, str(SCRIPTS))
+    from gradient_noise import cosines
+    import torch
+    x, y = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])], [torch.tensor([1.0, 0.0]), torch.tensor([0.0, -1.0])]
+    whole, per = cosines(x, y)
+    assert per == [1.0, -1.0] and abs(whole - (1 - 3) / (10 ** 0.5 * 2 ** 0.5)) < 1e-12  # energy-weighted
+    out = tmp_path / "n.json"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "gradient_noise.py"), "--task", "sentiment", "--steps", "5",
+                           "--skip", "2", "--lags", "2", "--batch", "4", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [r["step"] for r in data["rows"]] == [2, 3, 4]
+    assert all(-1 <= r[k] <= 1 for r in data["rows"] for k in ("prev", "lag2", "ema", "wls", "wls_median"))
+    assert data["ceiling"] == max(data["mean"]["prev"], 0) ** 0.5
+    assert "ceiling for any prediction" in done.stdout

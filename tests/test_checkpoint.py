@@ -158,6 +158,26 @@ def test_state_saved_while_probing_needs_the_probe_on_resume(tmp_path, checkpoin
         go()
 
 
+@pytest.mark.parametrize("damage", ["index_out_of_range", "scale_missing"])
+def test_a_bad_probe_sample_is_refused_naming_the_tensor(tmp_path, damage):
+    # Blocks of 4 elements: the big tensors are sampled; at step 8 the probe has drawn its sample.
+    train(tmp_path, max_steps=8, save_steps=8, vsa_compression_block=4)
+    path = tmp_path / "checkpoint-8" / ckpt.STATE_FILE
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+
+    def edit(tensors):
+        assert f"probe/index.{name}" in tensors
+        if damage == "scale_missing":
+            del tensors[f"probe/scale.{name}"]
+        else:
+            tensors[f"probe/index.{name}"][0] = 10**6
+    _rewrite(path, edit)
+    _, go = resume_error(tmp_path, tmp_path / "checkpoint-8", vsa_compression_block=4)
+    match = f"vsa_state.safetensors: probe sample.*(missing \\['scale.{name}'\\]|{name}: block indices)"
+    with pytest.raises(ValueError, match=match):
+        go()
+
+
 def _rewrite(path, edit):
     from safetensors.torch import save_file
     with safe_open(str(path), framework="pt") as f:

@@ -58,3 +58,18 @@ def test_compressed_history_on_cuda_is_seeded_and_syncs_nowhere(kind):
         c, out_c = run("cpu")
         for x, y in zip(out_a, out_c):  # elements at a threshold may round apart: nearly equal
             assert torch.nn.functional.cosine_similarity(x.cpu().reshape(-1), y.reshape(-1), 0) > 0.999
+
+
+def test_the_probe_draws_and_samples_on_the_gradients_device():
+    from hf_vsa.probe import Probe
+    torch.manual_seed(0)
+    grads = [torch.randn(256, 512, device="cuda"), torch.randn(77, device="cuda")]
+    probe = Probe([torch.zeros_like(g) for g in grads], 1 / 16, 256, seed=0)
+    probe.draw(grads)  # once, at the first record
+    torch.cuda.set_sync_debug_mode("error")  # every later record samples: no host sync
+    try:
+        out = probe.sample(grads)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert probe.index[0].is_cuda and probe.scale[0].is_cuda and probe.index[1] is None
+    assert out[0].is_cuda and out[0].numel() == 32 * 256 and out[1] is grads[1]

@@ -5,7 +5,7 @@ from transformers import TrainerCallback
 
 from conftest import make_dataset, make_model
 from hf_vsa import GradientPredictor, Phase, VSATrainer, VSATrainingArguments
-from hf_vsa.probe import MIN_BLOCKS, Probe
+from hf_vsa.probe import MIN_BLOCKS, Probe, inclusion_probabilities, systematic_sample
 
 SCHEDULE = dict(vsa_warmup_steps=3, vsa_history_window=3, vsa_full_steps=2, vsa_predict_steps=6,
                 vsa_correct_every=3, vsa_adaptive_phases=False)
@@ -13,19 +13,55 @@ SCHEDULE = dict(vsa_warmup_steps=3, vsa_history_window=3, vsa_full_steps=2, vsa_
 SAMPLED = dict(SCHEDULE, vsa_compression_block=4)
 
 
-def test_a_probe_samples_whole_blocks_chosen_by_the_seed():
+def test_inclusion_probabilities_follow_block_energy_and_sum_to_the_sample_size():
+    energy = torch.tensor([100.0, 0.0, 1.0, 1.0, 0.0, 2.0, 0.0, 0.0])
+    pi = inclusion_probabilities(energy, 3)
+    assert torch.isclose(pi.sum(), torch.tensor(3.0, dtype=pi.dtype)) and bool((pi > 0).all()) and bool((pi <= 1).all())
+    assert pi[0] == 1.0  # the heaviest block is certain
+    assert pi[5] > pi[2] == pi[3] > pi[1] == pi[4]  # then by energy; zero-energy blocks keep a floor
+    # Weights: half energy share, half uniform share (1/8). The certain block leaves 2 draws to the others.
+    w0 = 0.5 * 100 / 104 + 0.5 / 8
+    assert torch.isclose(pi[1], torch.tensor(2 * (0.5 / 8) / (1 - w0), dtype=pi.dtype))
+    # Flat energy (or none) gives the uniform sample.
+    for flat in (torch.ones(8), torch.zeros(8)):
+        assert torch.allclose(inclusion_probabilities(flat, 3), torch.full((8,), 3 / 8, dtype=torch.float64))
+
+
+def test_systematic_sampling_includes_each_block_with_its_probability():
+    gen = torch.Generator().manual_seed(0)
+    energy = torch.rand(40, generator=gen) ** 6  # heavy-tailed
+    pi = inclusion_probabilities(energy, 8)
+    counts = torch.zeros(40, dtype=torch.float64)
+    for seed in range(3000):
+        idx = systematic_sample(pi, 8, torch.Generator().manual_seed(seed))
+        assert len(set(idx.tolist())) == 8 and torch.equal(idx, idx.sort().values)
+        counts[idx] += 1
+    assert torch.allclose(counts / 3000, pi, atol=0.035), (counts / 3000 - pi).abs().max()
+
+
+def test_a_probe_draws_its_blocks_from_the_first_gradient_and_keeps_them():
     params = [torch.zeros(1000), torch.zeros(64), torch.zeros(30, 7)]
     probe = Probe(params, fraction=0.25, block=4, seed=1)
-    big = probe.index[0]
-    assert len(big) == 63 and torch.equal(big, big.sort().values) and len(set(big.tolist())) == 63
-    assert probe.index[1] is None and probe.stand_ins[1] is params[1]  # 16 blocks: probed whole
-    assert len(probe.index[2]) == MIN_BLOCKS  # 52 whole blocks, a quarter is 13: at least 16
-    g = [torch.randn(1000), torch.randn(64), torch.randn(30, 7)]
-    s = probe.sample(g)
-    assert torch.equal(s[0], g[0].view(-1, 4)[big].reshape(-1)) and s[1] is g[1]
-    assert [x.numel() for x in s] == [x.numel() for x in probe.stand_ins] == [252, 64, 64]
-    assert torch.equal(Probe(params, 0.25, 4, seed=1).index[0], big)
-    assert not torch.equal(Probe(params, 0.25, 4, seed=2).index[0], big)
+    assert probe.sizes == [63, None, MIN_BLOCKS]  # 64 blocks of 4 elements: whole; 52 blocks: at least 16
+    assert probe.stand_ins[1] is params[1] and [x.numel() for x in probe.stand_ins] == [252, 64, 64]
+    gen = torch.Generator().manual_seed(0)
+    first = [torch.randn(1000, generator=gen), torch.randn(64, generator=gen), torch.randn(30, 7, generator=gen)]
+    first[0][:40] *= 100  # ten heavy blocks at the start of the big tensor
+    s = probe.sample(first)
+    big, scale = probe.index[0], probe.scale[0]
+    assert len(set(big.tolist())) == 63 and torch.equal(big, big.sort().values)
+    assert set(range(10)) <= set(big.tolist()) and bool((scale[:10] == 1).all())  # certain: unscaled
+    assert bool((scale[10:] > 1).all())  # the others stand for more than themselves
+    assert torch.equal(s[0], (first[0].view(-1, 4)[big] * scale[:, None]).reshape(-1)) and s[1] is first[1]
+    later = [torch.randn_like(g) for g in first]
+    probe.sample(later)
+    assert torch.equal(probe.index[0], big)  # drawn once
+    again = Probe(params, 0.25, 4, seed=1)
+    again.sample(first)
+    assert torch.equal(again.index[0], big)
+    other = Probe(params, 0.25, 4, seed=2)
+    other.sample(first)
+    assert not torch.equal(other.index[0], big)
 
 
 def test_the_probe_measures_the_cosine_the_full_tensor_would():
@@ -51,6 +87,37 @@ def test_the_probe_measures_the_cosine_the_full_tensor_would():
     part = sampled.correct(probe.sample(g), 4)[2]
     assert whole[0] < 0.2 < whole[1] < 0.8 < whole[2]
     assert torch.allclose(whole, part, atol=0.03), (whole, part)
+
+
+def test_a_heavy_tailed_tensor_is_measured_by_its_heavy_blocks():
+    """4 of 256 blocks hold most of the gradient's energy, and it is noise there (unpredictable); the
+    other blocks are predictable. The whole tensor's cosine is low. A uniform 1/16 sample that misses
+    the heavy blocks measures the predictable rest; the energy-weighted sample measures the tensor."""
+    gen = torch.Generator().manual_seed(0)
+    n, block = 1 << 16, 256
+    base = torch.randn(n, generator=gen)
+
+    def grad():
+        g = base + 0.1 * torch.randn(n, generator=gen)
+        g[2 * block:6 * block] = 20 * torch.randn(4 * block, generator=gen)  # heavy blocks 2-5: pure noise
+        return g
+
+    params = [torch.zeros(n)]
+    weighted, uniform = Probe(params, 1 / 16, block, seed=0), Probe(params, 1 / 16, block, seed=0)
+    uniform.draw([torch.ones(n)])  # flat energy: the uniform sample
+    heavy = {2, 3, 4, 5}
+    assert not heavy & set(uniform.index[0].tolist())  # (this seed's uniform sample misses them)
+    preds = [GradientPredictor(ps, compression="ternary", window=4)
+             for ps in (params, weighted.stand_ins, uniform.stand_ins)]
+    views = (lambda x: x, weighted.sample, uniform.sample)
+    for t in range(4):
+        g = [grad()]
+        for pred, view in zip(preds, views):
+            pred.record(view(g), t)
+    g = [grad()]
+    whole, sampled, naive = (pred.correct(view(g), 4)[2][0].item() for pred, view in zip(preds, views))
+    assert heavy <= set(weighted.index[0].tolist())  # drawn with certainty
+    assert whole < 0.3 and abs(sampled - whole) < 0.05 and naive > 0.8, (whole, sampled, naive)
 
 
 class StepLog(TrainerCallback):

@@ -388,13 +388,16 @@ def test_bf16_training_predicts_gradients_in_the_parameters_dtype(tmp_path, prec
                for x in t.vsa.predictor.state_dict().values() if isinstance(x, torch.Tensor))
 
 
-def test_activation_checkpointing_leaves_the_trajectory_unchanged(tmp_path):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_leaves_the_trajectory_unchanged(tmp_path, reentrant):
     # Recomputing activations in backward (the usual memory saver for LLM fine-tuning) must not
-    # change what partial backward and the predictor see: same weights, bit for bit.
+    # change what partial backward, DropBP's skipped blocks and the predictor see: same weights,
+    # bit for bit, with either kind of torch checkpoint.
     weights = {}
     for on in (False, True):
         model = make_model()
-        t = VSATrainer(model=model, args=args(tmp_path / str(on), activation_checkpointing=on, **SCHEDULE),
+        ckpt = dict(activation_checkpointing=on, activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        t = VSATrainer(model=model, args=args(tmp_path / str(on), **ckpt, **SCHEDULE),
                        train_dataset=make_dataset(512))
         t.train()
         assert model.is_activation_checkpointing == on
@@ -415,15 +418,11 @@ def test_torch_compile_runs_the_schedule_and_predict_steps_update(tmp_path):
     assert all(moved for _, _, moved in watch.rows)
 
 
-@pytest.mark.parametrize("checkpointing", [None, {"use_reentrant": False}, {"use_reentrant": True}],
-                         ids=["plain", "checkpointing", "checkpointing_reentrant"])
-def test_dropbp_predict_steps_compute_exactly_the_kept_blocks(tmp_path, checkpointing):
+def test_dropbp_predict_steps_compute_exactly_the_kept_blocks(tmp_path):
     # vsa_block_drop=0.5 with only the head exact: on each PREDICT step the drawn blocks skip their
     # backward (their tensors see no backward at all), the kept ones and the dense embeddings get
     # theirs; backprop steps compute everything. Counted with autograd hooks, not our counters.
-    # Also under gradient checkpointing, which recomputes the kept blocks' forward in backward.
     model = make_model()
-    gc = {} if checkpointing is None else dict(activation_checkpointing=True, activation_checkpointing_kwargs=checkpointing)
     bert = model.bert
     probes = [bert.encoder.layer[0].attention.self.query.weight, bert.encoder.layer[1].output.dense.weight,
               bert.embeddings.position_embeddings.weight, bert.embeddings.word_embeddings.weight]
@@ -435,10 +434,9 @@ def test_dropbp_predict_steps_compute_exactly_the_kept_blocks(tmp_path, checkpoi
             rows.append((t.vsa.phase, set(t.vsa.computed), t.vsa._sparse()))
 
     t = VSATrainer(model=model, args=args(tmp_path, max_steps=40, vsa_exact_fraction=0.1, vsa_block_drop=0.5,
-                                          **gc, **SCHEDULE),
+                                          **SCHEDULE),
                    train_dataset=make_dataset(512), callbacks=[*counters, Grab()])
     t.train()
-    assert model.is_gradient_checkpointing == (checkpointing is not None)
     e = t.vsa
     assert e.blocks == list(bert.encoder.layer)
     index = [next(i for i, q in enumerate(e.params) if q is p) for p in probes]
