@@ -88,6 +88,24 @@ TASKS = {
 }
 
 
+def training_batches(a):
+    """For the diagnostic scripts (block_energy.py, gradient_noise.py): fill task `a.task`'s defaults
+    into `a` where unset, seed, build it; returns the model in train mode and a function giving the
+    model inputs (tensors) of the training examples at the given indices."""
+    build, defaults = TASKS[a.task]
+    for k, v in defaults.items():
+        setattr(a, k, getattr(a, k, None) or v)
+    set_seed(a.seed)
+    model, train, _ = build(a)
+    model.train()
+    cols = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in train.column_names]
+
+    def batch(indices):
+        rows = train[indices]
+        return {c: torch.tensor(rows[c]) for c in cols}
+    return model, batch, len(train)
+
+
 def run_one(name, overrides, a):
     set_seed(a.seed)
     model, train, evl = TASKS[a.task][0](a)

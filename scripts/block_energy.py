@@ -14,10 +14,7 @@ usage:
 """
 import argparse
 
-import torch
-from transformers import set_seed
-
-from benchmark import TASKS
+from benchmark import TASKS, training_batches
 
 
 def main(argv=None):
@@ -31,17 +28,10 @@ def main(argv=None):
     p.add_argument("--max_length", type=int, default=48, help="sentiment: tokens per snippet")
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args(argv)
-    build, defaults = TASKS[a.task]
-    for k, v in defaults.items():
-        setattr(a, k, getattr(a, k, None) or v)
-    set_seed(a.seed)
-    model, train, _ = build(a)
-    model.train()
-    cols = [c for c in ("input_ids", "attention_mask", "labels") if c in train.column_names]
+    model, batch, _ = training_batches(a)
     for step in range(a.steps):
-        rows = train[step * a.batch:(step + 1) * a.batch]
         model.zero_grad()
-        model(**{c: torch.tensor(rows[c]) for c in cols}).loss.backward()
+        model(**batch(list(range(step * a.batch, (step + 1) * a.batch)))).loss.backward()
         out = []
         for name, param in model.named_parameters():
             if param.grad is None or param.numel() // a.block < 64:  # small tensors are probed whole

@@ -9,11 +9,13 @@ step t after --skip, compares the actual gradient g_t with
 Each cosine is over the whole model (energy-weighted: tensors with larger gradients count more)
 and, per tensor, its median.
 
-Why it matters: if minibatch gradients are a mean mu plus independent noise, cos(g_s, g_t) ~
-|mu|^2 / |g|^2 for s != t, and no prediction made before step t can beat mu itself, whose cosine
-with g_t is |mu| / |g| ~ sqrt(cos(g_s, g_t)). So sqrt(prev) bounds what any predictor can measure
-at a CORRECT step (drift aside); where it lies below vsa_min_cosine (0.2), the gate can admit
-nothing on that task, whatever the predictor.
+Why it matters: if minibatch gradients were a slowly moving mean mu plus independent noise,
+cos(g_s, g_t) ~ |mu|^2 / |g|^2 for s != t, and no prediction made before step t could beat mu
+itself, whose cosine with g_t is |mu| / |g| ~ sqrt(cos(g_s, g_t)). Under that model sqrt(prev)
+bounds what any predictor can measure at a CORRECT step; where it lies below vsa_min_cosine (0.2),
+the gate can admit nothing, whatever the predictor. Where the lags and the EMA disagree with the
+model (the last gradient beating every average, cosines turning negative with the lag), the
+gradient has a time structure that averaging predictors (WLS, EMA) do not capture.
 
 usage:
     python scripts/gradient_noise.py --task sentiment --steps 40
@@ -24,9 +26,7 @@ import json
 import statistics
 
 import torch
-from transformers import set_seed
-
-from benchmark import TASKS
+from benchmark import TASKS, training_batches
 from hf_vsa import GradientPredictor
 
 
@@ -54,22 +54,15 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not max(2, a.lags) <= a.skip < a.steps:
         p.error("--skip must be at least 2 (the WLS fit needs two records) and --lags, and below --steps")
-    build, defaults = TASKS[a.task]
-    for k, v in defaults.items():
-        setattr(a, k, getattr(a, k, None) or v)
-    set_seed(a.seed)
-    model, train, _ = build(a)
-    model.train()
+    model, batch, n = training_batches(a)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr)
     wls = GradientPredictor(params, kind="wls", compression="none")
     ema, past, rows = None, [], []  # past: the last --lags gradients, newest first
-    cols = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in train.column_names]
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(a.seed)).tolist()
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(a.seed)).tolist()
     for t in range(a.steps):
-        batch = train[order[t * a.batch:(t + 1) * a.batch]]
         opt.zero_grad()
-        model(**{c: torch.tensor(batch[c]) for c in cols}).loss.backward()
+        model(**batch(order[t * a.batch:(t + 1) * a.batch])).loss.backward()
         g = [q.grad.detach().float().clone() for q in params]
         if t >= a.skip:
             row = {"step": t}
@@ -91,7 +84,8 @@ def main(argv=None):
           f"per-tensor median): " + ", ".join(f"{k} {mean[k]:+.3f} ({mean[k + '_median']:+.3f})"
                                              for k in ("prev", "ema", "wls"))
           + "".join(f", lag{k} {mean[f'lag{k}']:+.3f}" for k in range(2, a.lags + 1)))
-    print(f"ceiling for any prediction, sqrt(prev): {ceiling:.3f} (the gate admits from vsa_min_cosine 0.2)")
+    print(f"ceiling for any prediction if gradients were mean + independent noise, sqrt(prev): {ceiling:.3f} "
+          "(the gate admits from vsa_min_cosine 0.2)")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"task": a.task, "args": vars(a), "rows": rows, "mean": mean, "ceiling": ceiling}, f, indent=1)
