@@ -112,8 +112,8 @@ class Probe:
             if idx is None:
                 out.append(g)
             else:
-                picked = self._blocks(g).index_select(0, idx)
-                out.append((picked * scale.to(picked.dtype)[:, None]).view(-1))
+                picked = self._blocks(g).index_select(0, idx)  # a new tensor: scaled in place
+                out.append(picked.mul_(scale.to(picked.dtype)[:, None]).view(-1))
         return out
 
     # ---- state: the drawn sample (a resume no longer has the gradient it was drawn from) ----------
