@@ -28,6 +28,14 @@ _ENGINE_TENSORS = ("cosine", "cosine_sum", "tensor_cosine", "tensor_trust")
 RANK_LOCAL = ("cycle_loss", "log_loss", "last_loss")
 
 
+def by_name(key, names):
+    """A per-tensor state key "kind.i" as saved: "kind.<parameter name>" (other keys unchanged)."""
+    if "." not in key:
+        return key
+    kind, i = key.split(".")
+    return f"{kind}.{names[int(i)]}"
+
+
 def rank_local(engine):
     """This rank's row of the rank-local statistics, to be gathered across ranks before saving."""
     return torch.stack([getattr(engine, k).float() for k in RANK_LOCAL])
@@ -37,17 +45,13 @@ def engine_state(engine, rows=None):
     """`rows`: the gathered [world, len(RANK_LOCAL)] rank-local statistics (this rank's alone: None)."""
     tensors, meta = {}, {}
     for key, value in engine.predictor.state_dict().items():
-        if isinstance(value, torch.Tensor):
-            if "." in key:  # per-parameter buffer: name it by the parameter, not by index
-                kind, i = key.split(".")
-                key = f"{kind}.{engine.names[int(i)]}"
-            tensors[f"predictor/{key}"] = value
+        if isinstance(value, torch.Tensor):  # per-parameter buffers: named by the parameter, not by index
+            tensors[f"predictor/{by_name(key, engine.names)}"] = value
         else:
             meta[f"predictor/{key}"] = value
     if engine.probe is not None:
         for key, value in engine.probe.state_dict().items():
-            kind, i = key.split(".")
-            tensors[f"probe/{kind}.{engine.names[int(i)]}"] = value
+            tensors[f"probe/{by_name(key, engine.names)}"] = value
     for name in _ENGINE_TENSORS:
         tensors[f"engine/{name}"] = getattr(engine, name)
     tensors["engine/rank_local"] = rank_local(engine)[None] if rows is None else rows
@@ -137,8 +141,7 @@ def load_engine(engine, directory, rank=0, world=1):
     pred = {}
     for key, value in engine.predictor.state_dict().items():
         if isinstance(value, torch.Tensor):
-            name = key if "." not in key else f"{key.split('.')[0]}.{engine.names[int(key.split('.')[1])]}"
-            pred[key] = tensors[f"predictor/{name}"]
+            pred[key] = tensors[f"predictor/{by_name(key, engine.names)}"]
         else:
             pred[key] = meta[f"predictor/{key}"]
     try:  # allocates the buffers if the file holds records, checks shapes, copies onto the device
