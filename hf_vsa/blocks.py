@@ -64,3 +64,10 @@ class BlockSkip:
             torch.set_grad_enabled(True)
         self._inputs.clear()
         self.skipped = set()
+
+    def remove(self):
+        """Take the hooks off the blocks, for good."""
+        self.reset()
+        for h in self.handles:
+            h.remove()
+        self.handles = []

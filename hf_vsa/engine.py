@@ -87,6 +87,11 @@ class VSAEngine:
         # (after vsa_skip_sparse has dropped tensors); after it they only shrink (retired tensors).
         self.peak_state_ratio = 0.0
 
+    def close(self):
+        """Let go of the model before another engine takes it (a new run, a reset on resume)."""
+        if self.block_skip is not None:
+            self.block_skip.remove()
+
     def _new_predictor(self, tensors):
         a = self.args
         return GradientPredictor(

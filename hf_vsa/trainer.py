@@ -23,12 +23,20 @@ from .engine import VSAEngine
 logger = logging.getLogger(__name__)
 
 
-class _PhaseTimer(TrainerCallback):
-    """Wall time of each optimizer step (data, forward, backward/prediction, optimizer), by
-    phase; evaluation, logging and saving fall outside on_step_begin..on_step_end."""
+class _EngineCallback(TrainerCallback):
+    """A new engine for every training loop, and the wall time of each optimizer step (data,
+    forward, backward/prediction, optimizer) by phase; evaluation, logging and saving fall outside
+    on_step_begin..on_step_end."""
 
     def __init__(self, trainer):
         self.trainer, self.t0 = trainer, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Each training loop is a new run for the Trainer: every train() call, and every retry of
+        # auto_find_batch_size after an out-of-memory error. Its step count restarts (from 0 or the
+        # checkpoint's) and, with model_init (hyperparameter_search), the model is a new one. So the
+        # engine is new too: built at the first step, for that model, from the checkpoint if any.
+        self.trainer._vsa_drop_engine()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.t0 = time.perf_counter()
@@ -48,7 +56,7 @@ class VSATrainer(Trainer):
         self.vsa = None
         self._vsa_resume_dir = None
         if self.args.vsa_enabled:
-            self.add_callback(_PhaseTimer(self))
+            self.add_callback(_EngineCallback(self))
 
     # ---- the method ------------------------------------------------------------------------
     def _vsa_engine(self) -> VSAEngine:
@@ -171,14 +179,19 @@ class VSATrainer(Trainer):
 
     # ---- checkpoints -----------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if self.args.vsa_enabled and resume_from_checkpoint:
-            if isinstance(resume_from_checkpoint, bool):
-                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-                if resume_from_checkpoint is None:
-                    raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
-            self._vsa_resume_dir = resume_from_checkpoint
-            self.vsa = None  # rebuilt from the checkpoint at the first step
-        out = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.args.vsa_enabled:
+            self._vsa_resume_dir = None  # (the engine itself is dropped in _EngineCallback.on_train_begin)
+            if resume_from_checkpoint:
+                if isinstance(resume_from_checkpoint, bool):
+                    resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+                    if resume_from_checkpoint is None:
+                        raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+                self._vsa_resume_dir = resume_from_checkpoint
+        try:
+            out = super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if self.vsa is not None:
+                self.vsa.close()  # the model leaves training without hf_vsa's hooks; statistics stay
         if self.args.vsa_enabled and self.vsa is not None and self.args.should_save:
             self.create_model_card()
         return out
@@ -192,7 +205,13 @@ class VSATrainer(Trainer):
                 raise
             logger.warning("hf_vsa: no usable VSA state in %s; starting it from scratch "
                            "(vsa_reset_state_on_resume=True)", directory, exc_info=True)
+            self._vsa_drop_engine()
             self.vsa = VSAEngine(self.args, self.model, reduce_mean=self._vsa_reduce_mean)
+
+    def _vsa_drop_engine(self):
+        if self.vsa is not None:
+            self.vsa.close()
+            self.vsa = None
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

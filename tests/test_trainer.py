@@ -453,3 +453,73 @@ def test_dropbp_predict_steps_compute_exactly_the_kept_blocks(tmp_path):
     assert all(kept[2])  # the position embeddings: dense, outside the blocks
     if index[3] in rows[-1][2]:  # vsa_skip_sparse dropped the word embeddings: never computed
         assert not any(kept[3])
+
+
+def test_each_train_call_with_model_init_runs_the_schedule_on_its_new_model(tmp_path):
+    # model_init (what hyperparameter_search uses) gives every train() call a new model: the engine
+    # must follow it, restart the schedule with the Trainer's step count, and leave no hook behind.
+    class Watch(TrainerCallback):
+        def __init__(self):
+            self.runs = []
+
+        def on_train_begin(self, *a, model=None, **kw):
+            self.runs.append([])
+            self.n = 0
+            model.bert.embeddings.position_embeddings.weight.register_post_accumulate_grad_hook(
+                lambda p: setattr(self, "n", self.n + 1))
+
+        def on_step_end(self, *a, **kw):
+            self.runs[-1].append(self.n)
+            self.n = 0
+
+    watch = Watch()
+    t = VSATrainer(model_init=lambda: make_model(), args=args(tmp_path, **NO_BACKWARD), train_dataset=make_dataset(512),
+                   callbacks=[watch])
+    weights, models = [], []
+    for _ in range(2):
+        t.train()
+        models.append(t.model)
+        weights.append([p.detach().clone() for p in t.model.parameters()])
+        assert t.vsa.phases == expected_phases(24, **SCHEDULE)
+        assert t.vsa.params[0] is next(t.model.parameters())
+    assert models[0] is not models[1]
+    phases = expected_phases(24, **SCHEDULE)
+    assert watch.runs[0] == watch.runs[1] == [0 if p == "PREDICT" else 1 for p in phases]
+    assert all(torch.equal(a, b) for a, b in zip(*weights))  # same seed, same data: the same run
+    for m in models:
+        assert not any(b._forward_hooks or b._forward_pre_hooks for b in m.bert.encoder.layer)
+
+
+def test_a_second_train_call_starts_a_new_schedule_on_the_same_model(tmp_path):
+    # Without model_init the Trainer trains the same model again from step 0: so does the engine
+    # (a fresh WARMUP, not the rest of the last run's cycle), and DropBP's hooks are not doubled.
+    model = make_model()
+    t = VSATrainer(model=model, args=args(tmp_path, max_steps=14, vsa_block_drop=0.5, **SCHEDULE),
+                   train_dataset=make_dataset(512))
+    t.train()
+    first = t.vsa
+    t.train()
+    assert t.vsa is not first
+    assert t.vsa.phases == expected_phases(14, **SCHEDULE)
+    assert t.vsa.blocks and not any(b._forward_hooks or b._forward_pre_hooks for b in t.vsa.blocks)
+
+
+def test_auto_find_batch_size_retry_after_out_of_memory_starts_a_new_schedule(tmp_path):
+    # An out-of-memory error in the middle of a partial PREDICT step: the Trainer retries the whole
+    # loop with a smaller batch from step 0; the engine restarts with it, and the failed step left
+    # no frozen tensor and no grad mode switched off behind.
+    model = make_model()
+    raised = []
+
+    def oom(module, inputs):
+        if not raised and t.vsa is not None and t.vsa.phase is Phase.PREDICT and t.state.global_step >= 7:
+            raised.append(t.state.global_step)
+            raise RuntimeError("CUDA out of memory.")  # what accelerate's should_reduce_batch_size looks for
+    model.bert.encoder.layer[1].register_forward_pre_hook(oom)
+    t = VSATrainer(model=model, args=args(tmp_path, max_steps=14, auto_find_batch_size=True, vsa_block_drop=0.5,
+                                          **SCHEDULE), train_dataset=make_dataset(512))
+    t.train()
+    assert raised and t._train_batch_size < 8  # the retry ran with a smaller batch
+    assert t.vsa.phases == expected_phases(14, **SCHEDULE)  # not the failed loop's cycle continued
+    assert all(p.requires_grad for p in model.parameters()) and torch.is_grad_enabled()
+    assert not any(b._forward_hooks or b._forward_pre_hooks for b in model.bert.encoder.layer[:1])
