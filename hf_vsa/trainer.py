@@ -53,6 +53,13 @@ class VSATrainer(Trainer):
         if not isinstance(self.args, VSATrainingArguments):
             raise TypeError("VSATrainer needs VSATrainingArguments (a TrainingArguments subclass with the vsa_* "
                             f"fields), got {type(self.args).__name__}")
+        if self.args.vsa_enabled and self.args.n_gpu > 1:
+            # DataParallel runs the blocks' replicas in threads, which would share DropBP's hook state.
+            raise ValueError(
+                f"VSATrainer does not support torch.nn.DataParallel, which the Trainer uses when one process "
+                f"sees several GPUs (n_gpu={self.args.n_gpu}). Launch one process per GPU (DDP: accelerate "
+                "launch --multi_gpu, or torchrun), make one GPU visible (CUDA_VISIBLE_DEVICES=0), or set "
+                "vsa_enabled=False.")
         self.vsa = None
         self._vsa_resume_dir = None
         if self.args.vsa_enabled:

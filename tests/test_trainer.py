@@ -523,3 +523,14 @@ def test_auto_find_batch_size_retry_after_out_of_memory_starts_a_new_schedule(tm
     assert t.vsa.phases == expected_phases(14, **SCHEDULE)  # not the failed loop's cycle continued
     assert all(p.requires_grad for p in model.parameters()) and torch.is_grad_enabled()
     assert not any(b._forward_hooks or b._forward_pre_hooks for b in model.bert.encoder.layer[:1])
+
+
+def test_one_process_on_several_gpus_is_refused_with_the_ddp_alternative(tmp_path):
+    # The Trainer would wrap the model in DataParallel (threads over replicas); VSATrainer says how
+    # to launch instead. (A CPU machine stands in for a 2-GPU one by its argument's device count.)
+    a = args(tmp_path)
+    a._n_gpu = 2
+    with pytest.raises(ValueError, match=r"DataParallel.*n_gpu=2.*accelerate launch --multi_gpu"):
+        VSATrainer(model=make_model(), args=a, train_dataset=make_dataset(32))
+    a.vsa_enabled = False
+    VSATrainer(model=make_model(), args=a, train_dataset=make_dataset(32))  # the plain Trainer's behaviour
