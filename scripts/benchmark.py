@@ -79,6 +79,10 @@ def _without_tokenizer(task):
 TASKS = {
     "sentiment": (lambda a: _without_tokenizer(sentiment_task(max_length=a.max_length, n_eval=a.n_eval, seed=a.seed)),
                   dict(steps=150, eval_every=10, batch=32, lr=1e-4, n_eval=512)),
+    # Beyond the named tasks: the same model and settings on the 4,200 rated tweets.
+    "tweets": (lambda a: _without_tokenizer(sentiment_task(dataset="tweets", max_length=a.max_length, n_eval=a.n_eval,
+                                                           seed=a.seed)),
+               dict(steps=150, eval_every=10, batch=32, lr=1e-4, n_eval=512)),
     "gpt2_scratch": (lambda a: gpt2_scratch_task(n_eval=a.n_eval, seed=a.seed),
                      dict(steps=300, eval_every=20, batch=16, lr=1e-3, n_eval=64)),
     "smollm": (lambda a: smollm_task(n_eval=a.n_eval, seed=a.seed),

