@@ -160,6 +160,13 @@ def loss_at_wall(run, wall):
     return done[-1]["eval_loss"] if done else None
 
 
+def late_eval_vs_trainer(run, base, k=5):
+    """Mean of the run's last k eval losses over the Trainer's (base's), minus 1: less noisy than
+    the final evaluation alone."""
+    late = lambda r: sum(e["eval_loss"] for e in r["evals"][-k:]) / len(r["evals"][-k:])
+    return late(run) / late(base) - 1.0
+
+
 def summarize(runs):
     base = runs[0]
     target = base["final_eval_loss"]
@@ -173,6 +180,7 @@ def summarize(runs):
             "time_to_target_ratio": None if t is None else t / base["train_wall"],
             "final_eval_loss": r["final_eval_loss"],
             "eval_loss_vs_trainer": r["final_eval_loss"] / target - 1.0,
+            "last5_eval_vs_trainer": late_eval_vs_trainer(r, base),
             "trainer_eval_loss_at_same_wall": loss_at_wall(base, r["train_wall"]),
             "backward_fraction": r["backward_fraction"],
             "train_wall": r["train_wall"],
@@ -202,8 +210,9 @@ def spread(summaries):
     out = {}
     for i, row in enumerate(summaries[0]["rows"]):
         vals = {}
-        for key in ("step_time_ratio", "time_to_target_ratio", "eval_loss_vs_trainer", "backward_fraction"):
-            xs = [s["rows"][i][key] for s in summaries]
+        for key in ("step_time_ratio", "time_to_target_ratio", "eval_loss_vs_trainer", "last5_eval_vs_trainer",
+                    "backward_fraction"):
+            xs = [s["rows"][i].get(key) for s in summaries]
             got = [x for x in xs if x is not None]
             vals[key] = {"mean": sum(got) / len(got) if got else None, "min": min(got, default=None),
                          "max": max(got, default=None), "reached": len(got), "of": len(xs)}
@@ -218,17 +227,20 @@ def print_spread(sp):
         ttt = fmt(v["time_to_target_ratio"], lambda x: f"{x:.2f}x")
         print(f"{name:<14} step-time {fmt(v['step_time_ratio'], lambda x: f'{x:.2f}x')}  "
               f"time-to-target {ttt} (reached {v['time_to_target_ratio']['reached']}/{v['time_to_target_ratio']['of']})  "
-              f"final eval vs Trainer {fmt(v['eval_loss_vs_trainer'], lambda x: f'{x:+.1%}')}")
+              f"final eval vs Trainer {fmt(v['eval_loss_vs_trainer'], lambda x: f'{x:+.1%}')}  "
+              f"last 5 evals vs Trainer {fmt(v['last5_eval_vs_trainer'], lambda x: f'{x:+.1%}')}")
 
 
 def report(paths):
     """Markdown rows (one per task and config) from saved benchmark JSONs: mean [min, max] over seeds."""
     print("| task | config | step-time ratio | time to Trainer's final eval loss | final eval loss vs Trainer "
-          "| full-backward fraction | peak RSS GB | seeds |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| mean of last 5 evals vs Trainer | full-backward fraction | peak RSS GB | seeds |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for path in paths:
         d = json.load(open(path))
         for i, (name, v) in enumerate(d["spread"].items()):
+            late = [late_eval_vs_trainer(s["runs"][i], s["runs"][0]) for s in d["seeds"]]  # (files before it was summarised)
+            v = {**v, "last5_eval_vs_trainer": {"mean": sum(late) / len(late), "min": min(late), "max": max(late)}}
             rss = [s["summary"]["rows"][i].get("peak_rss_gb") for s in d["seeds"]]
             rss = "-" if None in rss else f"{sum(rss) / len(rss):.2f}"  # runs before it was recorded: -
 
@@ -240,7 +252,8 @@ def report(paths):
             if v["time_to_target_ratio"]["mean"] is not None:
                 ttt += f" (reached {v['time_to_target_ratio']['reached']}/{v['time_to_target_ratio']['of']})"
             print(f"| {d['task']} | {name} | {f('step_time_ratio', lambda x: f'{x:.2f}x')} | {ttt} | "
-                  f"{f('eval_loss_vs_trainer', lambda x: f'{x:+.1%}')} | {f('backward_fraction', lambda x: f'{x:.2f}')} "
+                  f"{f('eval_loss_vs_trainer', lambda x: f'{x:+.1%}')} | {f('last5_eval_vs_trainer', lambda x: f'{x:+.1%}')} "
+                  f"| {f('backward_fraction', lambda x: f'{x:.2f}')} "
                   f"| {rss} | {','.join(str(s['seed']) for s in d['seeds'])} |")
 
 

@@ -21,9 +21,12 @@ def test_quick_benchmark_writes_measured_ratios(tmp_path):
     assert "PREDICT" in default["phase"] and set(trainer["phase"]) == {"FULL"}
     row = seed["summary"]["rows"][1]
     assert row["step_time_ratio"] > 0 and row["peak_rss_gb"] > 0
+    late = [sum(e["eval_loss"] for e in r["evals"][-5:]) / 5 for r in (trainer, default)]
+    assert abs(row["last5_eval_vs_trainer"] - (late[1] / late[0] - 1)) < 1e-12
+    assert seed["summary"]["rows"][0]["last5_eval_vs_trainer"] == 0.0
     report = subprocess.run([sys.executable, str(SCRIPTS / "benchmark.py"), "--report", str(out)],
                             capture_output=True, text=True, timeout=120)
-    assert "| sentiment | default |" in report.stdout
+    assert "| sentiment | default |" in report.stdout and f"| {late[1] / late[0] - 1:+.1%} |" in report.stdout
     png = tmp_path / "b.png"
     plot = subprocess.run([sys.executable, str(SCRIPTS / "plot_benchmark.py"), str(out), "--out", str(png)],
                           capture_output=True, text=True, timeout=120)
