@@ -522,7 +522,7 @@ def test_auto_find_batch_size_retry_after_out_of_memory_starts_a_new_schedule(tm
     assert raised and t._train_batch_size < 8  # the retry ran with a smaller batch
     assert t.vsa.phases == expected_phases(14, **SCHEDULE)  # not the failed loop's cycle continued
     assert all(p.requires_grad for p in model.parameters()) and torch.is_grad_enabled()
-    assert not any(b._forward_hooks or b._forward_pre_hooks for b in model.bert.encoder.layer[:1])
+    assert not any(b._forward_hooks or b._forward_pre_hooks for b in model.bert.encoder.layer[:1])  # (1: the oom hook)
 
 
 def test_one_process_on_several_gpus_is_refused_with_the_ddp_alternative(tmp_path):
