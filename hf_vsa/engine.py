@@ -45,6 +45,7 @@ class VSAEngine:
         self.block_tensors = owned
         self.block_skip = BlockSkip(self.blocks) if self.blocks else None
         self.computed = set()  # this PREDICT step: predicted tensors that get an exact gradient instead
+        self.requires = [True] * len(self.params)  # their requires_grad before a partial step froze some
         # Host copy, refreshed at CORRECT steps only. Nothing is measured yet: only an open gate admits.
         self.predict_mask = [args.vsa_min_cosine <= -1.0] * len(self.params)
         self.trust = [1.0] * len(self.params)  # host copy of the trust factors, likewise
@@ -228,7 +229,7 @@ class VSAEngine:
         for i, keep in enumerate(self.predict_mask):
             if i in self.computed:  # its block ran its backward: the exact gradient stays
                 continue
-            if keep and usable:
+            if keep and usable and self.params[i].requires_grad:  # a tensor the user froze gets nothing
                 index.append(i)
             else:
                 self.params[i].grad = None
@@ -281,8 +282,10 @@ class VSAEngine:
             self.block_skip.skipped = {k for k, u in enumerate(draw) if u < self.args.vsa_block_drop}
             skipped = {i for k in self.block_skip.skipped for i in self.block_tensors[k]}
             self.computed = set(range(len(self.params))) - skipped - self._sparse()
-        for i, p in enumerate(self.params):
-            p.requires_grad_(not frozen or i in self.computed)
+        if frozen:  # (a callback may have frozen some of them since the engine was built: kept frozen)
+            self.requires = [p.requires_grad for p in self.params]
+        for i, (p, r) in enumerate(zip(self.params, self.requires)):
+            p.requires_grad_(r and (not frozen or i in self.computed))
 
     def _sparse(self):
         """Tensors vsa_skip_sparse dropped: they change on backprop steps only, also under DropBP.

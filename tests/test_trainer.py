@@ -534,3 +534,26 @@ def test_one_process_on_several_gpus_is_refused_with_the_ddp_alternative(tmp_pat
         VSATrainer(model=make_model(), args=a, train_dataset=make_dataset(32))
     a.vsa_enabled = False
     VSATrainer(model=make_model(), args=a, train_dataset=make_dataset(32))  # the plain Trainer's behaviour
+
+
+@pytest.mark.parametrize("gate", ["default", "open"])
+def test_a_tensor_a_callback_freezes_mid_run_stays_frozen_and_unchanged(tmp_path, gate):
+    # Gradual freezing from a callback: partial PREDICT steps freeze and restore tensors around their
+    # backward, and must restore the user's choice, not requires_grad=True; an open gate must not
+    # write a predicted gradient into the frozen tensor either.
+    model = make_model()
+    frozen = model.bert.encoder.layer[0].attention.self.query.weight
+    seen = {}
+
+    class Freeze(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 6:
+                frozen.requires_grad_(False)
+                seen["at"] = frozen.detach().clone()
+
+    extra = dict(vsa_min_cosine=-1.0) if gate == "open" else {}
+    t = VSATrainer(model=model, args=args(tmp_path, vsa_block_drop=0.5, **SCHEDULE, **extra),
+                   train_dataset=make_dataset(512), callbacks=[Freeze()])
+    t.train()
+    assert "PREDICT" in t.vsa.phases[6:] and not frozen.requires_grad
+    assert torch.equal(frozen, seen["at"])
