@@ -282,10 +282,10 @@ class VSAEngine:
             self.block_skip.skipped = {k for k, u in enumerate(draw) if u < self.args.vsa_block_drop}
             skipped = {i for k in self.block_skip.skipped for i in self.block_tensors[k]}
             self.computed = set(range(len(self.params))) - skipped - self._sparse()
-        if frozen:  # (a callback may have frozen some of them since the engine was built: kept frozen)
-            self.requires = [p.requires_grad for p in self.params]
-        for i, (p, r) in enumerate(zip(self.params, self.requires)):
-            p.requires_grad_(r and (not frozen or i in self.computed))
+        for i, p in enumerate(self.params):
+            if frozen:  # (a callback may have frozen some since the engine was built: they stay frozen)
+                self.requires[i] = p.requires_grad
+            p.requires_grad_(self.requires[i] and (not frozen or i in self.computed))
 
     def _sparse(self):
         """Tensors vsa_skip_sparse dropped: they change on backprop steps only, also under DropBP.
