@@ -103,11 +103,13 @@ class VSAEngine:
     def end_probe(self, log=True):
         """The probe's measurements are in: the tensors it still tracks (not dropped, not retired) get
         a full history from now on, starting empty; the others are never tracked in full. The gate's
-        per-tensor cosines, streaks and corrections carry over: they measure the same predictions."""
-        promoted = list(self.predictor.active)
+        per-tensor cosines, streaks and corrections carry over: they measure the same predictions; so does
+        the count of refused (non-finite) records."""
+        promoted, skipped = list(self.predictor.active), self.predictor.skipped
         self.probe, self.probe_done = None, True
         self.predictor = self._new_predictor(self.params)
         self.predictor.set_active(promoted)
+        self.predictor.skipped = skipped  # a run's count of refused records, not a history's
         self.refresh_mask()
         if log:
             logger.info("hf_vsa: step %d: probe done; %d of %d tensors tracked in full from now on: %s", self.step,

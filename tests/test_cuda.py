@@ -73,3 +73,28 @@ def test_the_probe_draws_and_samples_on_the_gradients_device():
         torch.cuda.set_sync_debug_mode(0)
     assert probe.index[0].is_cuda and probe.scale[0].is_cuda and probe.index[1] is None
     assert out[0].is_cuda and out[0].numel() == 32 * 256 and out[1] is grads[1]
+
+
+@pytest.mark.parametrize("exact", [0.0, 0.3])
+def test_fp16_on_cuda_predicts_under_the_real_grad_scaler(tmp_path, monkeypatch, exact):
+    # fp16=True on a GPU: the Accelerator's own GradScaler; the prediction is written on its scale
+    # (read on the device, no sync) and the run stays finite.
+    scales = []
+    original = VSAEngine.write_prediction
+
+    def spy(self, grad_scale=None):
+        scales.append(grad_scale)
+        original(self, grad_scale)
+
+    monkeypatch.setattr(VSAEngine, "write_prediction", spy)
+    args = VSATrainingArguments(output_dir=str(tmp_path), max_steps=16, per_device_train_batch_size=8, fp16=True,
+                                report_to="none", save_strategy="no", disable_tqdm=True, learning_rate=1e-3,
+                                vsa_warmup_steps=3, vsa_history_window=3, vsa_full_steps=2, vsa_predict_steps=8,
+                                vsa_correct_every=4, vsa_exact_fraction=exact, vsa_min_cosine=-1.0)
+    model = make_model()
+    t = VSATrainer(model=model, args=args, train_dataset=make_dataset(512))
+    t.train()
+    assert t.accelerator.scaler is not None
+    assert len(scales) == t.vsa.phases.count("PREDICT") > 0
+    assert all(s is not None and s.is_cuda for s in scales)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

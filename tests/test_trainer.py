@@ -388,6 +388,58 @@ def test_bf16_training_predicts_gradients_in_the_parameters_dtype(tmp_path, prec
                for x in t.vsa.predictor.state_dict().values() if isinstance(x, torch.Tensor))
 
 
+def fp16_trainer(model, trainer_args, init_scale, autocast):
+    """A VSATrainer with fp16=True whose Accelerator is put in the state it takes on a GPU: native
+    AMP with a GradScaler (on CPU accelerate runs fp16=True as plain fp32, with no scaler). The
+    Trainer's own code then scales the loss, unscales before clipping and skips overflow steps."""
+    from accelerate.utils import AutocastKwargs
+    t = VSATrainer(model=model, args=trainer_args, train_dataset=make_dataset(512))
+    acc = t.accelerator
+    acc.native_amp = True
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=5)
+    if not autocast:  # loss scaling alone, fp32 compute: scaling by powers of 2 is exact
+        acc.autocast_handler = AutocastKwargs(enabled=False)
+    return t
+
+
+@pytest.mark.parametrize("config", ["no_backward", "default", "accumulation", "ternary_accumulation"])
+def test_fp16_loss_scaling_leaves_the_trajectory_unchanged(tmp_path, config):
+    # Under fp16 the gradients that backward leaves in .grad are multiplied by the scaler's scale:
+    # records must be unscaled and predictions scaled, or predicted steps are off by the scale
+    # (65536 at the end here). SGD, so that a wrong scale moves the weights (Adam would hide it).
+    kw = dict(SCHEDULE, optim="sgd", learning_rate=0.05)
+    kw.update({"no_backward": NO_BACKWARD, "default": {}, "accumulation": dict(gradient_accumulation_steps=2),
+               "ternary_accumulation": dict(NO_BACKWARD, gradient_accumulation_steps=2, vsa_ternary_accumulation=True)}[config])
+    plain = make_model()
+    reference = VSATrainer(model=plain, args=args(tmp_path / "fp32", **kw), train_dataset=make_dataset(512))
+    reference.train()
+    model = make_model()
+    t = fp16_trainer(model, args(tmp_path / "fp16", fp16=True, **kw), 2.0 ** 12, autocast=False)
+    t.train()
+    assert t.accelerator.scaler.get_scale() == 2.0 ** 16  # grown 4 times: no step was skipped
+    assert t.vsa.phases == reference.vsa.phases and "PREDICT" in t.vsa.phases
+    for (n, x), y in zip(plain.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(x, y), n
+
+
+def test_fp16_overflow_steps_are_skipped_and_never_recorded(tmp_path, caplog):
+    # Real fp16 autocast and a loss scale far too large: the first backward passes overflow, the
+    # scaler skips those optimizer steps and lowers its scale, and hf_vsa records none of those
+    # gradients (counted, also across the end of the probe, which starts a new history).
+    model = make_model()
+    dtypes = set()
+    model.classifier.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+    t = fp16_trainer(model, args(tmp_path, fp16=True, **SCHEDULE), 2.0 ** 40, autocast=True)
+    t.train()
+    assert dtypes == {torch.float16}
+    assert t.accelerator.scaler.get_scale() < 2.0 ** 30
+    assert t.vsa.probe_done and t.vsa.phases.count("PREDICT") > 0
+    warned = [r for r in caplog.records if "has inf/nan; not recorded" in r.getMessage()]
+    assert len(warned) >= 2  # the scale needs several halvings before a backward stays finite
+    assert t.vsa.stats()["vsa/nonfinite_records_skipped"] == len(warned)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_activation_checkpointing_leaves_the_trajectory_unchanged(tmp_path, reentrant):
     # Recomputing activations in backward (the usual memory saver for LLM fine-tuning) must not
