@@ -70,8 +70,10 @@ class VSATrainingArguments(TrainingArguments):
     )
     vsa_adaptive_phases: bool = field(
         default=True,
-        metadata={"help": "Adapt FULL/PREDICT lengths to the measured training loss, within [1, 4*full_steps] "
-                          "and [1, 2*predict_steps]."},
+        metadata={"help": "Back off when the measured training loss rises: a cycle whose mean loss rises by more "
+                          "than vsa_loss_threshold doubles FULL (up to 4*full_steps) and halves PREDICT; two falls "
+                          "in a row step back towards the configured lengths, never past them (the configured "
+                          "schedule is the most a run skips)."},
     )
     vsa_loss_threshold: float = field(
         default=0.1,

@@ -19,12 +19,16 @@ class Phase(IntEnum):
 
 
 class PhaseController:
-    """Adaptive bounds: FULL in [1, 4*full_steps], PREDICT in [1, 2*predict_steps].
+    """Adaptive bounds: FULL in [full_steps, 4*full_steps], PREDICT in [1, predict_steps].
 
     A cycle is FULL + PREDICT. At the end of each cycle the caller may report the mean training
     loss of that cycle: a relative rise above `loss_threshold` over the previous cycle doubles
-    FULL and halves PREDICT; two falls in a row shorten FULL by one step and lengthen PREDICT
-    by `correct_every` steps. At a CORRECT step the caller may report the relative residual
+    FULL and halves PREDICT (backs off); two falls in a row shorten FULL by one step and lengthen
+    PREDICT by `correct_every` steps, back towards the configured lengths and never past them.
+    A falling loss is no evidence that skipping backward passes is harmless: training from scratch,
+    the loss falls all along while the gap to backprop grows with every step it skips (measured in
+    the README), so the configured schedule is the most a run ever skips.
+    At a CORRECT step the caller may report the relative residual
     |actual - predicted| / |actual|: above `residual_threshold` times its running mean, the next
     CORRECT comes after half the interval (early correction).
     """
@@ -33,7 +37,7 @@ class PhaseController:
                  min_history=2, adaptive=True, loss_threshold=0.1, residual_threshold=1.5):
         self.base_full, self.base_predict, self.correct_every = full_steps, predict_steps, correct_every
         self.adaptive, self.loss_threshold, self.residual_threshold = adaptive, loss_threshold, residual_threshold
-        self.full_max, self.predict_max = max(1, 4 * full_steps), 2 * predict_steps
+        self.full_max = max(1, 4 * full_steps)
         # Mutable state: everything below is in state_dict().
         self.step = 0
         self.full, self.predict = full_steps, predict_steps
@@ -93,8 +97,8 @@ class PhaseController:
             elif rel < 0:
                 self.falls += 1
                 if self.falls >= 2:
-                    self.full = max(1, self.full - 1)
-                    self.predict = min(self.predict_max, self.predict + self.correct_every)
+                    self.full = max(self.base_full, self.full - 1)
+                    self.predict = min(self.base_predict, self.predict + self.correct_every)
                     self.falls = 0
             else:
                 self.falls = 0

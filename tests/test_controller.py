@@ -43,15 +43,21 @@ def test_rising_loss_lengthens_full_and_shortens_predict():
     assert c.block is Phase.FULL
 
 
-def test_steadily_falling_loss_shortens_full_and_lengthens_predict():
+def test_falling_loss_recovers_the_configured_schedule_and_never_skips_more():
     c = PhaseController(warmup_steps=0, full_steps=3, predict_steps=6, correct_every=3, min_history=0,
                         adaptive=True, loss_threshold=0.1)
-    for loss in (1.0, 0.9, 0.8):
+    for loss in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5):  # falling from the start: already at the configured lengths
         c._adapt(loss)
-    assert (c.full, c.predict) == (2, 9)
-    for loss in (0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05):
+    assert (c.full, c.predict) == (3, 6)
+    c._adapt(0.6)  # a 20% rise: back off
+    assert (c.full, c.predict) == (6, 3)
+    c._adapt(0.5)
+    assert (c.full, c.predict) == (6, 3)  # one fall is not yet steady
+    c._adapt(0.4)
+    assert (c.full, c.predict) == (5, 6)  # two in a row: one step back, bounded by the configured PREDICT
+    for loss in (0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002):
         c._adapt(loss)
-    assert c.full == 1 and c.predict == 12  # bounded by [1, 4*full] and [1, 2*predict]
+    assert (c.full, c.predict) == (3, 6)  # bounded by [full_steps, 4*full_steps] and [1, predict_steps]
 
 
 def test_adaptive_off_ignores_losses():
