@@ -409,7 +409,8 @@ def test_fp16_loss_scaling_leaves_the_trajectory_unchanged(tmp_path, config):
     # (65536 at the end here). SGD, so that a wrong scale moves the weights (Adam would hide it).
     kw = dict(SCHEDULE, optim="sgd", learning_rate=0.05)
     kw.update({"no_backward": NO_BACKWARD, "default": {}, "accumulation": dict(gradient_accumulation_steps=2),
-               "ternary_accumulation": dict(NO_BACKWARD, gradient_accumulation_steps=2, vsa_ternary_accumulation=True)}[config])
+               "ternary_accumulation": dict(NO_BACKWARD, gradient_accumulation_steps=2,
+                                            vsa_ternary_accumulation=True)}[config])
     plain = make_model()
     reference = VSATrainer(model=plain, args=args(tmp_path / "fp32", **kw), train_dataset=make_dataset(512))
     reference.train()
