@@ -108,6 +108,9 @@ def main(argv=None):
         if base is not None:
             print(f"gradient MB per optimizer step: Trainer {per(base) / 1e6:.3f}, VSATrainer {per(counter) / 1e6:.3f}, "
                   f"ratio {per(counter) / per(base):.3f}")
+    # Tear the process group down before exit: left to interpreter shutdown, gloo's threads can
+    # abort a rank ("terminate called without an active exception") after all the work is done.
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ def main(argv=None):
     if not script.baseline and args.vsa_enabled:
         print(f"VSA state memory       {trainer.vsa.peak_state_ratio:.2f}x the trainable parameters' fp32 bytes "
               f"at its peak, {trainer.vsa.state_memory_ratio():.2f}x at the end (vsa_compression={args.vsa_compression})")
+    trainer.accelerator.end_training()  # under DDP: tear the process group down before exit (see ddp_comm.py)
     return metrics
 
 

@@ -23,8 +23,13 @@ def launch(out, mode, resume=None):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(SCRIPT), "--task", "tiny", "--mode", mode, "--out", str(out),
            "--save_steps", "4"] + (["--resume", str(resume)] if resume else [])
-    # A hang must fail the test, not block CI.
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # A hang must fail the test, not block CI. One retry, only for a known gloo abort of a rank
+    # ("terminate called without an active exception", seen about once in ten runs on 2 cores);
+    # the run is deterministic, so a retry checks the same thing. Any other failure fails at once.
+    for attempt in range(2):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0 or "terminate called without an active exception" not in done.stderr:
+            break
     assert done.returncode == 0, done.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
