@@ -24,7 +24,7 @@ def launch(out, mode, resume=None):
            "--main_process_port", str(free_port()), str(SCRIPT), "--task", "tiny", "--mode", mode, "--out", str(out),
            "--save_steps", "4"] + (["--resume", str(resume)] if resume else [])
     # A hang must fail the test, not block CI. One retry, only for a known gloo abort of a rank
-    # ("terminate called without an active exception", seen about once in ten runs on 2 cores);
+    # ("terminate called without an active exception", seen in 2 of about 10 runs on 2 cores);
     # the run is deterministic, so a retry checks the same thing. Any other failure fails at once.
     for attempt in range(2):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -3,6 +3,7 @@ import os
 
 import pytest
 import torch
+from accelerate.utils import AutocastKwargs
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from conftest import make_dataset, make_model
@@ -392,7 +393,6 @@ def fp16_trainer(model, trainer_args, init_scale, autocast):
     """A VSATrainer with fp16=True whose Accelerator is put in the state it takes on a GPU: native
     AMP with a GradScaler (on CPU accelerate runs fp16=True as plain fp32, with no scaler). The
     Trainer's own code then scales the loss, unscales before clipping and skips overflow steps."""
-    from accelerate.utils import AutocastKwargs
     t = VSATrainer(model=model, args=trainer_args, train_dataset=make_dataset(512))
     acc = t.accelerator
     acc.native_amp = True
