@@ -27,8 +27,13 @@ def render_section(engine, args, plot=None) -> str:
     how = (f"computed exactly for the top {args.vsa_exact_fraction:.0%} of trainable tensors by a partial "
            "backward and predicted for the others" if engine.partial else "predicted in closed form")
     if engine.blocks:
+        if args.vsa_adaptive_block_drop:
+            p = (f"probability {args.vsa_block_drop:g} x (1 - sqrt of its measured lag-1 gradient cosine) "
+                 f"(last: {', '.join(f'{d:.2f}' for d in engine.drop)})")
+        else:
+            p = f"probability {args.vsa_block_drop:g}"
         how += (f"; each of the {len(engine.blocks)} transformer blocks below them skipped its backward with "
-                f"probability {args.vsa_block_drop:g} (DropBP) and computed its tensors' exact gradient otherwise")
+                f"{p} (DropBP) and computed its tensors' exact gradient otherwise")
     cosine = stats["vsa/prediction_cosine_mean"]
     return jinja2.Template(template, keep_trailing_newline=True).render(
         steps=engine.controller.step, counts=engine.controller.counts, seconds=engine.seconds,

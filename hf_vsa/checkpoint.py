@@ -16,8 +16,9 @@ STATE_FILE = "vsa_state.safetensors"
 # Bumped whenever saved state would be read differently (2: VSA keys made from random bytes;
 # predictor `active` tensors; 3: the gate's per-tensor streaks, for retirement; 4: buffers allocated at
 # the first record, and the peak state ratio; 5: the residual stored in 4 bits, not ternary; 6: the
-# predictor may hold a probe's samples, not whole tensors; 7: the probe's sample, drawn from the first gradient).
-STATE_VERSION = 7
+# predictor may hold a probe's samples, not whole tensors; 7: the probe's sample, drawn from the first gradient;
+# 8: the blocks' gradient consistency and drop probabilities).
+STATE_VERSION = 8
 # Settings whose change makes saved state meaningless.
 STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum", "vsa_compression",
                   "vsa_history_window", "vsa_compression_block", "vsa_ternary_rounding", "vsa_bundle_size",
@@ -55,6 +56,12 @@ def engine_state(engine, rows=None):
     for name in _ENGINE_TENSORS:
         tensors[f"engine/{name}"] = getattr(engine, name)
     tensors["engine/rank_local"] = rank_local(engine)[None] if rows is None else rows
+    for key, value in engine.consistency.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            tensors[f"consistency/{key}"] = value
+        else:
+            meta[f"consistency/{key}"] = value
+    meta["engine/drop"] = list(engine.drop)
     for name in _ENGINE_INTS:
         meta[f"engine/{name}"] = getattr(engine, name)
     meta["engine/closed"] = list(engine.closed)
@@ -150,6 +157,22 @@ def load_engine(engine, directory, rank=0, world=1):
         raise ValueError(f"{path}: {e}") from e
     for name in _ENGINE_TENSORS:
         setattr(engine, name, tensors[f"engine/{name}"].to(dev))
+    try:
+        restored = engine.consistency.load_state_dict(
+            {k: tensors[f"consistency/{k}"] if isinstance(v, torch.Tensor) else meta[f"consistency/{k}"]
+             for k, v in engine.consistency.state_dict().items()})
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: bad block consistency state ({type(e).__name__}: {e}); the droppable blocks "
+                         "follow the model, vsa_exact_fraction and vsa_block_drop < 1: resume with the saved "
+                         "ones, or pass vsa_reset_state_on_resume=True") from e
+    drop = meta["engine/drop"]
+    if not restored:  # saved or resumed with vsa_block_drop=1: no block measured; the measurement starts now
+        drop = [engine.args.vsa_block_drop] * len(engine.blocks)
+    if (not isinstance(drop, list) or len(drop) != len(engine.blocks)
+            or not all(isinstance(d, (int, float)) and 0 <= d <= 1 for d in drop)):
+        raise ValueError(f"{path}: engine/drop must list one probability in [0, 1] per droppable block "
+                         f"({len(engine.blocks)}), got {str(drop)[:80]}")
+    engine.drop = [float(d) for d in drop]
     rows = tensors["engine/rank_local"]
     if rows.ndim != 2 or rows.shape[1] != len(RANK_LOCAL):
         raise ValueError(f"{path}: engine/rank_local is {tuple(rows.shape)}, expected (world, {len(RANK_LOCAL)})")

@@ -113,6 +113,16 @@ class VSATrainingArguments(TrainingArguments):
                           "gradient. 1, or a model with no such blocks: every predicted tensor is frozen, so the "
                           "backward stops at the exact tensors."},
     )
+    vsa_adaptive_block_drop: bool = field(
+        default=True,
+        metadata={"help": "Scale vsa_block_drop per block by the noise share of its gradient, measured during "
+                          "training: block k is skipped with probability vsa_block_drop * (1 - sqrt(c_k)), c_k the "
+                          "running mean cosine between its gradients at consecutive backprop steps (WARMUP, FULL), "
+                          "clamped to [0, 1]; refreshed at the start of each PREDICT block. Blocks whose "
+                          "gradient is mostly signal (training from scratch) are then rarely skipped, blocks whose "
+                          "gradient is mostly noise (fine-tuning) about as often as vsa_block_drop says. Off: "
+                          "every block is skipped with probability vsa_block_drop."},
+    )
     vsa_min_cosine: float = field(
         default=0.2,
         metadata={"help": "A predicted tensor whose prediction cosine, measured at CORRECT steps (running mean), "

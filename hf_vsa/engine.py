@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .blocks import BlockSkip, find_blocks
+from .blocks import BlockSkip, Consistency, drop_probabilities, find_blocks
 from .compress import TernaryAccumulator, mix_seed
 from .controller import Phase, PhaseController
 from .predictor import GradientPredictor
@@ -44,6 +44,12 @@ class VSAEngine:
                     owned.append([index[id(q)] for q in mine])
         self.block_tensors = owned
         self.block_skip = BlockSkip(self.blocks) if self.blocks else None
+        # Each block's lag-1 gradient cosine, measured at consecutive backprop steps (always, so a
+        # checkpoint holds it whatever vsa_adaptive_block_drop says), and the per-block drop
+        # probabilities drawn against, a host list refreshed once per cycle.
+        self.consistency = Consistency([[self.params[i] for i in t] for t in owned], self.params[0].device,
+                                       args.vsa_seed)
+        self.drop = [args.vsa_block_drop] * len(self.blocks)
         self.computed = set()  # this PREDICT step: predicted tensors that get an exact gradient instead
         self.requires = [True] * len(self.params)  # their requires_grad before a partial step froze some
         # Host copy, refreshed at CORRECT steps only. Nothing is measured yet: only an open gate admits.
@@ -124,6 +130,8 @@ class VSAEngine:
             self.computed = set()
             self.phase = self.controller.next_phase(self._take_cycle_loss)
             self.phases.append(self.phase.name)
+            if self.phase is Phase.PREDICT and self.controller.at_block_start:
+                self.refresh_drop()
             # The probe ends at the first FULL block after a CORRECT step has measured it, so the full
             # history fills during that block, before the next PREDICT block reads it (with no FULL
             # blocks, at the next PREDICT block: its CORRECT steps fill the history).
@@ -158,8 +166,20 @@ class VSAEngine:
             grads = torch._foreach_mul(grads, inv_scale)
         return grads
 
+    def refresh_drop(self):
+        """The blocks' drop probabilities for the PREDICT block that starts: vsa_block_drop, scaled
+        per block by its measured gradient noise share when vsa_adaptive_block_drop is on."""
+        base = self.args.vsa_block_drop
+        if not (self.blocks and self.args.vsa_adaptive_block_drop and self.consistency.measured):
+            self.drop = [base] * len(self.blocks)
+            return
+        # host sync: once per cycle; averaged over processes so that every rank skips the same blocks
+        self.drop = drop_probabilities(self.reduce_mean(self.consistency.mean), base).tolist()
+
     def after_backward(self, grad_scale=None):
         """Last micro-batch of a backprop step: record the accumulated, synchronised gradient."""
+        if self.blocks:
+            self.consistency.update(self.step)  # a cosine: the fp16 loss scale cancels out
         history = self.predictor.history
         if history is not None and self.controller.records_before_read() >= history.window:
             # A ring of `window` records: this one would be pushed out before anything reads it
@@ -272,7 +292,7 @@ class VSAEngine:
     def freeze_predicted(self, frozen: bool):
         """Partial backward. Without droppable blocks, the predicted tensors are frozen and autograd
         stops below the exact ones. With them (DropBP), only the tensors of the blocks this step
-        skips are frozen (each block skipped with probability vsa_block_drop, drawn from (vsa_seed,
+        skips are frozen (block k skipped with probability self.drop[k], drawn from (vsa_seed,
         step): the same on every rank, micro-batch and resume); a skipped block passes the gradient
         down unchanged, so the kept blocks and the tensors outside blocks (embeddings; not those
         vsa_skip_sparse dropped) get theirs."""
@@ -281,7 +301,7 @@ class VSAEngine:
         if frozen and self.blocks:
             gen = torch.Generator().manual_seed(mix_seed(self.args.vsa_seed, 3, self.step))
             draw = torch.rand(len(self.blocks), generator=gen).tolist()  # host tensor: no device sync
-            self.block_skip.skipped = {k for k, u in enumerate(draw) if u < self.args.vsa_block_drop}
+            self.block_skip.skipped = {k for k, u in enumerate(draw) if u < self.drop[k]}
             skipped = {i for k in self.block_skip.skipped for i in self.block_tensors[k]}
             self.computed = set(range(len(self.params))) - skipped - self._sparse()
         for i, p in enumerate(self.params):
@@ -325,6 +345,9 @@ class VSAEngine:
             self.predict_mask)
         out["vsa/probing"] = float(self.probe is not None)
         out["vsa/tracked_tensor_fraction"] = len(self.predictor.active) / len(self.params)
+        if self.blocks:
+            out["vsa/block_drop_mean"] = sum(self.drop) / len(self.drop)
+            out["vsa/block_consistency_mean"] = self.consistency.mean.mean().item()  # host sync: logging steps only
         out["vsa/state_memory_ratio"] = self.state_memory_ratio()
         self.peak_state_ratio = max(self.peak_state_ratio, out["vsa/state_memory_ratio"])
         out["vsa/state_memory_peak_ratio"] = self.peak_state_ratio

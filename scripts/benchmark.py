@@ -143,6 +143,9 @@ def run_one(name, overrides, a):
             "state_memory_ratio": vsa.get("vsa/state_memory_ratio"),
             "state_memory_peak_ratio": vsa.get("vsa/state_memory_peak_ratio"),
             "tracked_tensor_fraction": vsa.get("vsa/tracked_tensor_fraction"),
+            # per block, at the end: the drop probabilities in use and the measured lag-1 gradient cosines
+            "block_drop": list(trainer.vsa.drop) if cls is VSATrainer else None,
+            "block_consistency": trainer.vsa.consistency.mean.tolist() if cls is VSATrainer else None,  # host sync: once
             "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_model
-from hf_vsa.blocks import BlockSkip, find_blocks
+from hf_vsa.blocks import BlockSkip, Consistency, drop_probabilities, find_blocks
 
 
 def batch():
@@ -62,3 +62,70 @@ def test_skipping_needs_a_block_whose_output_is_shaped_like_its_input():
         proj[0](torch.randn(2, 4, requires_grad=True))
     skip.reset()
     assert torch.is_grad_enabled()
+
+
+def test_drop_probability_falls_with_the_signal_share_of_the_gradient():
+    c = torch.tensor([-0.3, 0.0, 0.25, 1.0, 1.2], dtype=torch.float64)
+    # base * (1 - sqrt(c)), c clamped to [0, 1]: noise-only gradients keep the configured rate
+    assert drop_probabilities(c, 0.5).tolist() == pytest.approx([0.5, 0.5, 0.25, 0.0, 0.0])
+
+
+def lin(n):
+    return torch.nn.Parameter(torch.zeros(n))
+
+
+def test_consistency_is_the_running_cosine_of_consecutive_backprop_gradients():
+    a, b, c = lin(10), lin(3), lin(5000)  # two blocks: (a, b) and (c); c is longer than the sample
+    m = Consistency([[a, b], [c]], "cpu")
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(p.numel(), generator=g) for p in (a, b, c)]
+
+    def step(t, sign=1.0, ys=None):
+        for p, v in zip((a, b, c), ys or x):
+            p.grad = sign * v
+        m.update(t)
+
+    step(0)
+    assert m.measured == 0  # one gradient: nothing to compare yet
+    step(1)  # the same gradients: cosine 1
+    assert m.mean.tolist() == pytest.approx([1.0, 1.0])
+    step(2, -1.0)  # reversed: cosine -1, running mean 0
+    assert m.mean.tolist() == pytest.approx([0.0, 0.0], abs=1e-12)
+    step(4)  # step 3 ran no backward: no pair, no measurement
+    assert m.measured == 2 and m.mean.tolist() == pytest.approx([0.0, 0.0], abs=1e-12)
+    # On the sample, a partly correlated gradient reads about its true cosine (0.6).
+    y = [0.6 * v + 0.8 * torch.randn(v.numel(), generator=g) for v in x]
+    y = [v * x[i].norm() / v.norm() for i, v in enumerate(y)]
+    step(5, ys=y)
+    measured = m.mean * 3  # the running mean of (1, -1, cos)
+    truth = torch.nn.functional.cosine_similarity(y[2], x[2], dim=0)
+    assert abs(measured[1].item() - truth.item()) < 0.06
+
+
+def test_a_non_finite_gradient_leaves_the_consistency_as_it_was():
+    a = lin(8)
+    m = Consistency([[a]], "cpu")
+    a.grad = torch.ones(8)
+    m.update(0)
+    m.update(1)
+    a.grad = torch.full((8,), float("inf"))  # an fp16 overflow step
+    m.update(2)
+    assert m.mean.tolist() == [1.0]
+
+
+def test_a_gradient_alike_on_a_few_columns_only_reads_its_true_cosine():
+    # Two gradients of a 384 x 384 weight that agree on 8 evenly spaced columns and are independent
+    # elsewhere: the true cosine is ~8/384. A sample taken at a fixed stride (147456 / 1024 = 144)
+    # would fall on exactly those 8 columns and read 1; the random sample reads the truth.
+    w = lin(384 * 384)
+    m = Consistency([[w]], "cpu", seed=0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(384, 384, generator=g), torch.randn(384, 384, generator=g)
+    y[:, ::48] = x[:, ::48]
+    w.grad = x.reshape(-1)
+    m.update(0)
+    w.grad = y.reshape(-1)
+    m.update(1)
+    truth = torch.nn.functional.cosine_similarity(x.reshape(-1), y.reshape(-1), dim=0).item()
+    assert abs(m.mean.item() - truth) < 0.1
+    assert torch.nn.functional.cosine_similarity(x.reshape(-1)[::144], y.reshape(-1)[::144], dim=0) > 0.99

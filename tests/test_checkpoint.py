@@ -266,3 +266,28 @@ def test_crash_mid_save_leaves_the_previous_state_loadable(tmp_path, checkpoint,
 def test_save_only_model_writes_no_state(tmp_path):
     train(tmp_path, max_steps=6, save_only_model=True)
     assert not (tmp_path / "checkpoint-6" / ckpt.STATE_FILE).exists()
+
+
+def test_bad_block_consistency_state_is_refused(tmp_path, checkpoint):
+    path = checkpoint / ckpt.STATE_FILE
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_tensor("consistency/mean").numel() > 0  # the default run has droppable blocks
+    _rewrite(path, lambda t: t.__setitem__("consistency/mean", torch.zeros(7, dtype=torch.float64)))
+    _, go = resume_error(tmp_path, checkpoint)
+    with pytest.raises(ValueError, match=r"vsa_state.safetensors: bad block consistency state.*mean is \(7,\)"):
+        go()
+
+
+def test_bad_block_drop_probabilities_are_refused(tmp_path, checkpoint):
+    _rewrite_info(checkpoint / ckpt.STATE_FILE, lambda info: info["engine/drop"].__setitem__(0, 1.5))
+    _, go = resume_error(tmp_path, checkpoint)
+    with pytest.raises(ValueError, match=r"vsa_state.safetensors: engine/drop must list one probability in \[0, 1\]"):
+        go()
+
+
+def test_resuming_with_dropbp_turned_on_starts_measuring_the_blocks(tmp_path):
+    # Saved with vsa_block_drop=1 (no droppable block, nothing measured): resuming with DropBP on
+    # is a setting change hf_vsa can follow, with nothing lost: the blocks are measured from then on.
+    train(tmp_path, max_steps=8, vsa_block_drop=1.0)
+    _, t = train(tmp_path / "again", resume=str(tmp_path / "checkpoint-8"), max_steps=16, save_strategy="no")
+    assert t.vsa.blocks and t.vsa.consistency.measured > 0

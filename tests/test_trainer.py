@@ -8,6 +8,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from conftest import make_dataset, make_model
 from hf_vsa import Phase, PhaseController, VSATrainer, VSATrainingArguments
+from hf_vsa.blocks import drop_probabilities
 
 SCHEDULE = dict(vsa_warmup_steps=3, vsa_history_window=3, vsa_full_steps=2, vsa_predict_steps=6,
                 vsa_correct_every=3, vsa_adaptive_phases=False)
@@ -330,7 +331,8 @@ def test_a_ring_records_only_the_steps_it_still_holds_when_read(tmp_path, monkey
 
     # WARMUP 6 + FULL 2: 8 backprop steps before the first read; a ring of 4 holds the last 4.
     sched = dict(SCHEDULE, vsa_warmup_steps=6, vsa_history_window=4, vsa_bundle_size=2)
-    t = VSATrainer(model=make_model(), args=args(tmp_path, vsa_compression=kind, **sched),
+    # (A fixed DropBP rate keeps the trajectory this test was written on: no tensor retires.)
+    t = VSATrainer(model=make_model(), args=args(tmp_path, vsa_compression=kind, vsa_adaptive_block_drop=False, **sched),
                    train_dataset=make_dataset(512), callbacks=[Watch()])
     t.train()
     # No buffer exists before the first record; from it on, the state is the peak (nothing retires here).
@@ -358,7 +360,10 @@ def test_no_tensor_is_predicted_before_its_prediction_is_measured(tmp_path, gate
                 predictable = set(e.predictor.active) - e.computed
                 seen.append((e.corrections, sum(e.params[i].grad is not None for i in predictable), len(predictable)))
 
-    t = VSATrainer(model=make_model(), args=args(tmp_path, vsa_min_cosine=gate, vsa_retire_after=0, **SCHEDULE),
+    # (A fixed DropBP rate: the adaptive one skips few blocks of this tiny model, and only skipped blocks
+    # take predictions.)
+    t = VSATrainer(model=make_model(), args=args(tmp_path, vsa_min_cosine=gate, vsa_retire_after=0,
+                                                 vsa_adaptive_block_drop=False, **SCHEDULE),
                    train_dataset=make_dataset(512), callbacks=[Grab()])
     t.train()
     before = [(n, m) for c, n, m in seen if c == 0]
@@ -506,6 +511,55 @@ def test_dropbp_predict_steps_compute_exactly_the_kept_blocks(tmp_path):
     assert all(kept[2])  # the position embeddings: dense, outside the blocks
     if index[3] in rows[-1][2]:  # vsa_skip_sparse dropped the word embeddings: never computed
         assert not any(kept[3])
+
+
+def dropbp_run(tmp_path, data, **kw):
+    """A DropBP run (head exact, both BERT blocks droppable, no dropout); per step: the phase, the
+    drop probabilities in use, the blocks' measured consistency and the tensors computed."""
+    model = make_model()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # the same batch then gives the same gradient, up to the weights' change
+    rows = []
+
+    class Grab(TrainerCallback):
+        def on_step_end(self, *a, **kw):
+            e = t.vsa
+            rows.append((e.phase, list(e.drop), e.consistency.mean.clone(), set(e.computed)))
+
+    t = VSATrainer(model=model, args=args(tmp_path, **{**dict(max_steps=40, vsa_exact_fraction=0.1,
+                                                              vsa_block_drop=0.5, **SCHEDULE), **kw}),
+                   train_dataset=data, callbacks=[Grab()])
+    t.train()
+    return t.vsa, [r for r in rows if r[0] is Phase.PREDICT]
+
+
+def test_a_block_whose_gradient_repeats_is_not_skipped(tmp_path):
+    # The same batch at every step and a tiny learning rate: consecutive gradients are alike, each
+    # block's measured consistency is ~1, so its drop probability is ~0 and every PREDICT step
+    # computes every block: no update is skipped where every update carries the same signal.
+    same = make_dataset(1).select([0] * 64)
+    e, predict = dropbp_run(tmp_path, same, learning_rate=1e-6)
+    assert predict
+    for _, drop, consistency, computed in predict:
+        assert consistency.min() > 0.99
+        assert max(drop) < 0.01
+        assert all(set(b) <= computed for b in e.block_tensors)
+    # Off: the configured probability, whatever the measurement; blocks are skipped.
+    e, predict = dropbp_run(tmp_path, same, learning_rate=1e-6, vsa_adaptive_block_drop=False)
+    assert all(drop == [0.5, 0.5] for _, drop, _, _ in predict)
+    assert any(not set(b) <= computed for _, _, _, computed in predict for b in e.block_tensors)
+
+
+def test_block_drop_probabilities_follow_the_measured_consistency(tmp_path):
+    # Ordinary data: each PREDICT block draws against 0.5 * (1 - sqrt(c)), c each block's running
+    # lag-1 gradient cosine, measured on the backprop steps before it (unchanged during the block).
+    e, predict = dropbp_run(tmp_path, make_dataset(512))
+    assert e.consistency.measured > 0
+    for _, drop, consistency, _ in predict:
+        assert drop == drop_probabilities(consistency, 0.5).tolist()
+    assert len({tuple(d) for _, d, _, _ in predict}) > 1  # refreshed as the measurement moves
+    assert all(0.0 < d < 0.5 for _, drop, _, _ in predict for d in drop)
 
 
 def test_each_train_call_with_model_init_runs_the_schedule_on_its_new_model(tmp_path):
