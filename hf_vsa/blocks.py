@@ -97,9 +97,10 @@ def drop_probabilities(consistency, base: float):
 
 class Consistency:
     """Per block, how alike its gradients are from one backprop step to the next: the running mean
-    (over the last few measurements) of the cosine between consecutive backprop steps' gradients,
-    read on a fixed random sample of each tensor's elements (at most SAMPLE, drawn with a local
-    generator from `seed`: the same on every rank and resume, so never saved). Not a strided view:
+    (over the last few measurements) of the cosine between consecutive backprop steps' gradients
+    (of the whole block), estimated on a fixed random sample of each tensor's elements (at most
+    SAMPLE, drawn with a local generator from `seed`: the same on every rank and resume, so never
+    saved), scaled by its size. Not a strided view:
     on a weight matrix a stride can fall on a handful of columns, whose gradients are not typical.
     Measured only where two backprop steps follow each other (WARMUP, FULL blocks): a PREDICT step
     in between has no full gradient. Tensors only, on the parameters' device; no host sync."""
@@ -107,13 +108,20 @@ class Consistency:
     def __init__(self, groups, device, seed=0):
         self.groups = groups  # per block, its trainable tensors
         self.index = []  # per tensor (in block order): the sampled flat indices, or None (the whole tensor)
+        # Each sampled element stands for numel/SAMPLE of its tensor: scaled by the square root of that,
+        # the sample's inner products estimate the whole block's, in which a weight matrix outweighs a
+        # bias or norm vector by its size (unscaled, a 384-element bias would count as much as a
+        # 147k-element matrix's 1024 samples, and biases' gradients are far more alike step to step).
+        self.scale = []
         for k, group in enumerate(groups):
             for j, p in enumerate(group):
                 if p.numel() <= SAMPLE:
                     self.index.append(None)
+                    self.scale.append(1.0)
                     continue
                 gen = torch.Generator().manual_seed(mix_seed(seed, 5, k, j))  # host generator: same everywhere
                 self.index.append(torch.randint(p.numel(), (SAMPLE,), generator=gen).sort().values.to(device))
+                self.scale.append((p.numel() / SAMPLE) ** 0.5)
         self.sizes = [sum(min(p.numel(), SAMPLE) for p in g) for g in groups]
         self.prev = torch.zeros(sum(self.sizes), device=device)  # the last backprop step's sample
         self.mean = torch.zeros(len(groups), dtype=torch.float64, device=device)
@@ -123,9 +131,9 @@ class Consistency:
     def _sample(self):
         parts = []
         tensors = (p for group in self.groups for p in group)
-        for p, index in zip(tensors, self.index):
+        for p, index, scale in zip(tensors, self.index, self.scale):
             g = (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-            parts.append((g if index is None else g[index]).float())
+            parts.append((g if index is None else g[index]).float() * scale)
         return torch.cat(parts)
 
     def update(self, step: int):

@@ -129,3 +129,17 @@ def test_a_gradient_alike_on_a_few_columns_only_reads_its_true_cosine():
     truth = torch.nn.functional.cosine_similarity(x.reshape(-1), y.reshape(-1), dim=0).item()
     assert abs(m.mean.item() - truth) < 0.1
     assert torch.nn.functional.cosine_similarity(x.reshape(-1)[::144], y.reshape(-1)[::144], dim=0) > 0.99
+
+
+def test_a_block_cosine_weighs_each_tensor_by_its_size():
+    # A 90000-element matrix whose gradients are unrelated from step to step and a 300-element bias
+    # whose gradient repeats: the block's cosine is ~300/90300. Unweighted, the bias would make up
+    # 300 of the 1324 sampled elements and the reading would be ~0.23.
+    w, b = lin(300 * 300), lin(300)
+    m = Consistency([[w, b]], "cpu", seed=0)
+    g = torch.Generator().manual_seed(2)
+    bias = torch.randn(300, generator=g)
+    for t in range(2):
+        w.grad, b.grad = torch.randn(300 * 300, generator=g), bias
+        m.update(t)
+    assert abs(m.mean.item() - 300 / 90300) < 0.05
