@@ -90,8 +90,7 @@ def drop_probabilities(consistency, base: float):
     independent noise, c ~ |mean|^2 / |g|^2 and sqrt(c) is the cosine between the mean and one
     minibatch gradient: the share of an update that is signal. Under Adam every update has about the
     same size, so skipping a noisy block's update loses little progress and skipping a consistent
-    block's update loses it all (measured in the blocks: c ~ 0.4-0.6 training GPT-2 from scratch,
-    ~0.03-0.1 fine-tuning MiniLM)."""
+    block's update loses it all."""
     return base * (1.0 - consistency.clamp(0.0, 1.0).sqrt())
 
 
@@ -100,8 +99,8 @@ class Consistency:
     (over the last few measurements) of the cosine between consecutive backprop steps' gradients
     (of the whole block), estimated on a fixed random sample of each tensor's elements (at most
     SAMPLE, drawn with a local generator from `seed`: the same on every rank and resume, so never
-    saved), scaled by its size. Not a strided view:
-    on a weight matrix a stride can fall on a handful of columns, whose gradients are not typical.
+    saved), scaled by its size. Not a strided view: on a weight matrix a stride can fall on a
+    handful of columns, whose gradients are not typical.
     Measured only where two backprop steps follow each other (WARMUP, FULL blocks): a PREDICT step
     in between has no full gradient. Tensors only, on the parameters' device; no host sync."""
 

@@ -119,9 +119,9 @@ class VSATrainingArguments(TrainingArguments):
                           "training: block k is skipped with probability vsa_block_drop * (1 - sqrt(c_k)), c_k the "
                           "running mean cosine between its gradients at consecutive backprop steps (WARMUP, FULL), "
                           "clamped to [0, 1]; refreshed at the start of each PREDICT block. Blocks whose "
-                          "gradient is mostly signal (training from scratch) are then rarely skipped, blocks whose "
-                          "gradient is mostly noise (fine-tuning) about as often as vsa_block_drop says. Off: "
-                          "every block is skipped with probability vsa_block_drop."},
+                          "gradient repeats from step to step are then rarely skipped, blocks whose gradient is "
+                          "mostly noise about as often as vsa_block_drop says. Off: every block is skipped with "
+                          "probability vsa_block_drop."},
     )
     vsa_min_cosine: float = field(
         default=0.2,
