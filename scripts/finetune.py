@@ -87,9 +87,11 @@ def main(argv=None):
         how = (f"forward + backward through the top {args.vsa_exact_fraction:.0%} of trainable tensors only"
                if trainer.vsa.partial else "no backward")
         if trainer.vsa.blocks:
+            keep = (f"1 - {args.vsa_block_drop:g} x (1 - sqrt of its measured gradient consistency); last: "
+                    + ", ".join(f"{1 - d:.2f}" for d in trainer.vsa.drop)
+                    if args.vsa_adaptive_block_drop else f"{1 - args.vsa_block_drop:g}")
             how = (f"forward + backward through the top {args.vsa_exact_fraction:.0%} of trainable tensors and, "
-                   f"below them, each of {len(trainer.vsa.blocks)} blocks with probability "
-                   f"{1 - args.vsa_block_drop:g} (DropBP)")
+                   f"below them, each of {len(trainer.vsa.blocks)} blocks with probability {keep} (DropBP)")
     print(f"\n== {cls.__name__} summary ==")
     print(f"data                   {script.dataset or 'movie_reviews'}: {len(train)} training, {len(evl)} held-out "
           "examples")
