@@ -110,7 +110,9 @@ def training_batches(a):
     return model, batch, len(train)
 
 
-def run_one(name, overrides, a):
+def make_trainer(name, overrides, a, callbacks):
+    """The benchmark's run `name` on task a.task, seeded: the plain Trainer (overrides None) or a
+    VSATrainer with these vsa_* overrides. Also used by step_cost.py, so both time the same run."""
     set_seed(a.seed)
     model, train, evl = TASKS[a.task][0](a)
     common = dict(output_dir=os.path.join(a.workdir, name), max_steps=a.steps, per_device_train_batch_size=a.batch,
@@ -126,8 +128,13 @@ def run_one(name, overrides, a):
                                 vsa_correct_every=2), **overrides}
         args = VSATrainingArguments(**common, **overrides)
         cls = VSATrainer
+    return cls(model=model, args=args, train_dataset=train, eval_dataset=evl, callbacks=list(callbacks))
+
+
+def run_one(name, overrides, a):
     clock = StepClock()
-    trainer = cls(model=model, args=args, train_dataset=train, eval_dataset=evl, callbacks=[clock])
+    trainer = make_trainer(name, overrides, a, [clock])
+    cls = type(trainer)
     trainer.evaluate()  # step-0 eval loss; also warms up the evaluation path outside the clock
     trainer.train()
     phases = trainer.vsa.phases if cls is VSATrainer else ["FULL"] * len(clock.steps)

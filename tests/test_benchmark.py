@@ -67,3 +67,27 @@ def test_gradient_noise_measures_cosines_against_the_actual_gradient(tmp_path):
     assert all(-1 <= r[k] <= 1 for r in data["rows"] for k in ("prev", "lag2", "ema", "wls", "wls_median"))
     assert data["ceiling"] == max(data["mean"]["prev"], 0) ** 0.5
     assert "ceiling for any prediction" in done.stdout
+
+
+def test_step_cost_splits_a_real_trainer_step_and_bounds_any_forward_keeping_speedup(tmp_path):
+    sys.path.insert(0, str(SCRIPTS))
+    from step_cost import ceiling, max_backprop_share_for
+    assert ceiling(1.0, 0.3) == 1.0 and ceiling(0.0, 0.5) == 2.0
+    assert max_backprop_share_for(2.0, 0.5) is None and max_backprop_share_for(2.0, 0.6) is None
+    p = max_backprop_share_for(2.0, 0.25)
+    assert abs(p - 1 / 3) < 1e-12 and abs(ceiling(p, 0.25) - 2.0) < 1e-12
+    out = tmp_path / "c.json"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "step_cost.py"), "--quick", "--tasks", "gpt2_scratch",
+                           "--out", str(out), "--workdir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["tasks"]
+    m = row["median_seconds"]
+    assert row["steps_timed"] == 4 and m["forward"] > 0 and m["backward"] > 0 and m["rest"] >= 0
+    assert m["forward"] + m["backward"] <= m["step"] + 1e-9
+    assert m["forward_no_grad"] > 0
+    assert abs(row["floor_share"] - (min(m["forward"], m["forward_no_grad"]) + m["rest"]) / m["step"]) < 1e-12
+    bounds = [row["ceiling"][k] for k in ("0.0", "0.25", "0.4")]
+    assert bounds == sorted(bounds, reverse=True) and bounds[0] > 1
+    assert all(abs(row["ceiling"][k] - ceiling(float(k), row["floor_share"])) < 1e-12 for k in row["ceiling"])
+    assert "| gpt2_scratch |" in done.stdout
