@@ -98,10 +98,15 @@ def no_grad_forward(trainer, n):
     model = trainer.model
     model.train()
     times = []
-    batches = iter(trainer.get_train_dataloader())
+    loader = trainer.get_train_dataloader()
+    batches = iter(loader)
     with torch.no_grad():
         for _ in range(n):
-            inputs = trainer._prepare_inputs(next(batches))
+            batch = next(batches, None)
+            if batch is None:  # a training set shorter than n batches: go round again
+                batches = iter(loader)
+                batch = next(batches)
+            inputs = trainer._prepare_inputs(batch)
             _sync()
             t = time.perf_counter()
             trainer.compute_loss(model, inputs)
