@@ -131,7 +131,10 @@ class Consistency:
         parts = []
         tensors = (p for group in self.groups for p in group)
         for p, index, scale in zip(tensors, self.index, self.scale):
-            g = (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+            if p.grad is None:  # frozen by the user: a sample of zeros, not a whole zero tensor
+                parts.append(self.prev.new_zeros(p.numel() if index is None else len(index)))
+                continue
+            g = p.grad.reshape(-1)
             parts.append((g if index is None else g[index]).float() * scale)
         return torch.cat(parts)
 

@@ -30,9 +30,8 @@ import sys
 import time
 
 import torch
-from transformers import TrainerCallback
 
-from benchmark import TASKS, make_trainer
+from benchmark import TASKS, StepClock, make_trainer
 from benchmark import parse as bench_parse
 
 
@@ -41,13 +40,14 @@ def _sync():
         torch.cuda.synchronize()  # host sync: deliberate, the parts are timed from the host
 
 
-class Parts(TrainerCallback):
-    """Per optimizer step: seconds in the forward, the backward and the whole step."""
+class Parts(StepClock):
+    """benchmark.py's step clock (from one step's end to the next: data loading and logging
+    included), plus the seconds each step spent in the forward and in the backward."""
 
     def __init__(self):
-        self.forward, self.backward, self.step = [], [], []
+        super().__init__()
+        self.forward, self.backward = [], []
         self._f = self._b = 0.0
-        self._mark = None
 
     def timed(self, fn, part):
         def run(*args, **kw):
@@ -65,16 +65,9 @@ class Parts(TrainerCallback):
             return out
         return run
 
-    def on_train_begin(self, args, state, control, **kw):
-        self._mark = time.perf_counter()
-
     def on_step_end(self, args, state, control, **kw):
-        # from one step's end to the next, as benchmark.py's StepClock counts a step (data loading
-        # and logging included)
         _sync()
-        now = time.perf_counter()
-        self.step.append(now - self._mark)
-        self._mark = now
+        super().on_step_end(args, state, control, **kw)
         self.forward.append(self._f)
         self.backward.append(self._b)
         self._f = self._b = 0.0
@@ -127,7 +120,7 @@ def measure(task, a):
     trainer.accelerator.backward = parts.timed(trainer.accelerator.backward, "backward")
     trainer.train()
     keep = slice(a.skip, None)  # the first steps warm up allocators and kernels
-    fwd, bwd, step = (statistics.median(x[keep]) for x in (parts.forward, parts.backward, parts.step))
+    fwd, bwd, step = (statistics.median(x[keep]) for x in (parts.forward, parts.backward, parts.steps))
     rest = max(step - fwd - bwd, 0.0)
     # A step with no backward at all can run its forward without autograd, which saves nothing
     # for backward and can be cheaper: time that forward too (train mode, so dropout still runs)
@@ -135,7 +128,7 @@ def measure(task, a):
     free = no_grad_forward(trainer, a.skip + a.steps)[a.skip:]
     fwd_free = statistics.median(free)
     floor_share = (min(fwd, fwd_free) + rest) / step
-    return {"task": task, "steps_timed": len(parts.step[keep]), "batch": b.batch,
+    return {"task": task, "steps_timed": len(parts.steps[keep]), "batch": b.batch,
             "median_seconds": {"forward": fwd, "backward": bwd, "rest": rest, "step": step,
                                "forward_no_grad": fwd_free},
             "share": {"forward": fwd / step, "backward": bwd / step, "rest": rest / step,
