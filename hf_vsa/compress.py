@@ -163,11 +163,13 @@ class CompressedHistory:
     """The last `window` records of each tensor in compressed form, read back as a weighted sum.
 
     State: per tensor a uint8 code buffer [storage slots, bytes] and fp32 scales [window, blocks];
-    on the host, the step of each slot (-1: empty)."""
+    on the host, the step of each slot (-1: empty). Kind 'none' keeps the records in fp32
+    ([window, blocks * block], no scales, no error feedback), for predictors that need the records
+    themselves (the AR fit) without compression."""
 
     def __init__(self, params, kind="ternary", window=8, block=256, rounding="deterministic", bundle=4, seed=0):
-        if kind not in COMPRESSIONS[1:]:
-            raise ValueError(f"compression kind must be one of {COMPRESSIONS[1:]}, got {kind!r}")
+        if kind not in COMPRESSIONS:
+            raise ValueError(f"compression kind must be one of {COMPRESSIONS}, got {kind!r}")
         self.params = list(params)
         self.kind, self.window, self.block, self.rounding, self.seed = kind, window, block, rounding, seed
         self.bundle = min(bundle, window) if kind == "vsa" else 1
@@ -190,6 +192,9 @@ class CompressedHistory:
 
     def _allocate_one(self, i):
         n, dev = self.params[i].numel(), self.params[i].device
+        if self.kind == "none":
+            self.codes[i] = torch.zeros(self.window, blocks_of(n, self.block) * self.block, device=dev)
+            return
         self.codes[i] = torch.zeros(self.slots, packed_bytes(n, self.block, self.bits), dtype=torch.uint8,
                                     device=dev)
         self.scales[i] = torch.zeros(self.window, blocks_of(n, self.block), device=dev)
@@ -217,6 +222,9 @@ class CompressedHistory:
             if not self.codes[i].numel():  # the first record of this tensor
                 self._allocate_one(i)
             g = grads[i]
+            if self.kind == "none":
+                self.codes[i][k].zero_()[:g.numel()].copy_(g.reshape(-1))
+                continue
             gen = None if self.rounding == "deterministic" else self._generator(0, t, i)
             # error feedback: carry what rounding lost from the previous record
             x = self.error[i].view(-1, self.block).float().mul_(self.error_scales[i][:, None])
@@ -237,28 +245,45 @@ class CompressedHistory:
     def _error(self, i):
         return self.error[i].view(-1, self.block).float() * self.error_scales[i][:, None]
 
+    def decode(self, i, k):
+        """Record in slot k of tensor i as a flat fp32 tensor of blocks * block elements (zero padded):
+        what weighted_sum reads for it (for vsa: unbound from its bundle, with the others' crosstalk)."""
+        return self.weighted_sum({k: 1.0}, [i], padded=True)[0]
+
+    def gram(self, index, slots):
+        """[len(index), n, n] float64 inner products of each tensor's records in `slots` (order kept).
+        One tensor's n records are decoded at a time: peak memory n times the largest tensor."""
+        out = []
+        for i in index:
+            r = torch.stack([self.decode(i, k) for k in slots])
+            out.append((r @ r.T).double())
+        return torch.stack(out)
+
     def filled(self):
         return [(k, t) for k, t in enumerate(self.times) if t >= 0]
 
-    def weighted_sum(self, weights, index=None):
-        """sum_k weights[k] * record_k for the tensors in `index` (all: None); weights by slot,
-        host floats. Fresh fp32 tensors shaped like the parameters. vsa: each bundle is unpacked
-        once, and each key once, since slots at the same position in their bundles share a key:
-        sum_j key_j * (sum_b w_bj * scale_bj * bundle_b)."""
+    def weighted_sum(self, weights, index=None, padded=False):
+        """sum_k weights[k] * record_k for the tensors in `index` (all: None); weights by slot, each
+        a host float or a 1-D device tensor with one weight per tensor of `index` (per-tensor
+        weights, the AR forecast's). Fresh fp32 tensors shaped like the parameters (padded: flat,
+        blocks * block elements). vsa: each bundle is unpacked once, and each key once, since slots
+        at the same position in their bundles share a key: sum_j key_j * (sum_b w_bj * scale_bj * bundle_b)."""
         newest = (self.next - 1) % self.window
-        slots = sorted((k, w) for k, w in weights.items() if w)
+        slots = sorted((k, w) for k, w in weights.items() if isinstance(w, torch.Tensor) or w)
         by_position = {}  # vsa: position in bundle -> [(slot, weight)]
         for k, w in slots:
             by_position.setdefault(k % self.bundle, []).append((k, w))
         out = []
-        for i in range(len(self.params)) if index is None else index:
+        for n, i in enumerate(range(len(self.params)) if index is None else index):
             p = self.params[i]
+            w_of = lambda w: w[n] if isinstance(w, torch.Tensor) else w  # noqa: E731 (this tensor's weight)
             acc = torch.zeros(blocks_of(p.numel(), self.block), self.block, device=p.device)
-            if weights.get(newest):  # the newest record's rounding error, not yet carried anywhere
-                acc.add_(self._error(i), alpha=weights[newest])
-            if self.kind == "ternary":
+            if self.kind == "none":
                 for k, w in slots:
-                    acc.addcmul_(unpack(self.codes[i][k], 2).view(-1, self.block), self.scales[i][k][:, None], value=w)
+                    acc.add_(self.codes[i][k].view(-1, self.block) * w_of(w))
+            elif self.kind == "ternary":
+                for k, w in slots:
+                    acc.addcmul_(unpack(self.codes[i][k], 2).view(-1, self.block), self.scales[i][k][:, None] * w_of(w))
             else:
                 bundles = {}
                 for j, at_j in sorted(by_position.items()):
@@ -267,9 +292,12 @@ class CompressedHistory:
                         b = k // self.bundle
                         if b not in bundles:
                             bundles[b] = unpack(self.codes[i][b], 4).view(-1, self.block)
-                        part.addcmul_(bundles[b], self.scales[i][k][:, None], value=w)
+                        part.addcmul_(bundles[b], self.scales[i][k][:, None] * w_of(w))
                     acc.addcmul_(part, self._key(i, j).view(-1, self.block))
-            out.append(acc.reshape(-1)[:p.numel()].view_as(p))
+            w_new = weights.get(newest, 0.0)
+            if self.kind != "none" and (isinstance(w_new, torch.Tensor) or w_new):
+                acc.add_(self._error(i) * w_of(w_new))  # the newest record's rounding error, not yet carried
+            out.append(acc.reshape(-1) if padded else acc.reshape(-1)[:p.numel()].view_as(p))
         return out
 
     # ---- state -----------------------------------------------------------------------------

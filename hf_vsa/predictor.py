@@ -28,10 +28,11 @@ import logging
 
 import torch
 
+from .autoregress import ar_fit, ar_weights
 from .compress import CompressedHistory, blocks_of, dequantize, int4_pack, packed_bytes
 
 logger = logging.getLogger(__name__)
-KINDS = ("wls", "momentum")
+KINDS = ("wls", "momentum", "ar")
 _RESCALE_AT = 1e4  # move the origin before record weights exceed this (or 1000 steps pass)
 
 
@@ -55,16 +56,18 @@ class GradientPredictor:
     """record(grads, t), predict(t), correct(grads, t); state_dict() round-trips."""
 
     def __init__(self, params, kind="wls", decay=0.95, residual_decay=0.5, momentum=0.9,
-                 compression="none", window=8, block=256, rounding="deterministic", bundle=4, seed=0):
+                 compression="none", window=8, block=256, rounding="deterministic", bundle=4, seed=0,
+                 order=2, ridge=1e-3):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.params = list(params)
         if not self.params:
             raise ValueError("GradientPredictor needs at least one tensor to track")
         self.kind, self.decay, self.residual_decay, self.momentum = kind, decay, residual_decay, momentum
-        self.block = block
+        self.block, self.order, self.ridge = block, order, ridge
+        self._fit = None  # ar: (newest record's step, active tensors, coefficients [len(active), order])
         self.history = None
-        if compression == "none":
+        if compression == "none" and kind != "ar":  # (ar needs the records themselves: an fp32 ring)
             used = ["g0"] + (["g1"] if kind == "wls" else []) + (["residual"] if residual_decay > 0 else [])
         else:
             self.history = CompressedHistory(self.params, compression, window, block, rounding, bundle, seed)
@@ -183,6 +186,8 @@ class GradientPredictor:
         self.allocate()  # (no record yet: the zero buffers predict zero)
         index = self.active if index is None else index
         pick = lambda xs: [xs[i] for i in index]  # noqa: E731
+        if self.kind == "ar":
+            return self.history.weighted_sum(self.ar_weights(t, index), index)
         if self.history is not None:
             return self.history.weighted_sum(self.ring_weights(t), index)
         if self.kind == "momentum":
@@ -192,6 +197,27 @@ class GradientPredictor:
         if a1:
             torch._foreach_add_(out, pick(self.g1), alpha=a1)
         return out
+
+    def ar_coefficients(self):
+        """(record steps oldest first, their slots, {tensor: row}, coefficients [rows, order]) of the AR
+        fit over the ring's records, refitted only when a record has come in since the last fit."""
+        filled = sorted(self.history.filled(), key=lambda kt: kt[1])
+        slots, times = [k for k, _ in filled], [t for _, t in filled]
+        key = (tuple(times), tuple(self.active))
+        if self._fit is None or self._fit[0] != key:
+            gram = self.history.gram(self.active, slots)
+            self._fit = key, ar_fit(gram, times, self.order, self.ridge)
+        rows = {i: r for r, i in enumerate(self.active)}
+        return times, slots, rows, self._fit[1]
+
+    def ar_weights(self, t: int, index) -> dict:
+        """{slot: per-tensor weights over `index`} of the AR forecast of step t (device tensors)."""
+        if not self.history.filled():
+            return {}
+        times, slots, rows, coeffs = self.ar_coefficients()
+        picked = coeffs[[rows[i] for i in index]]
+        w = ar_weights(picked, times, t).float()  # [len(index), n]
+        return {k: w[:, j] for j, k in enumerate(slots)}
 
     def ring_weights(self, t: int) -> dict:
         """Compressed ring: {slot: weight} so that the prediction at t is sum_k weight_k * record_k
@@ -324,6 +350,7 @@ class GradientPredictor:
                                  f"{label} is {tuple(v.shape)} {v.dtype}")
         for key, x in tensors.items():
             x.copy_(state[key])
+        self._fit = None  # the AR fit is derived from the records: refitted from the loaded ones
         for k in self._SCALARS:
             if k != "active":
                 setattr(self, k, type(getattr(self, k))(state[k]))
