@@ -17,16 +17,20 @@ STATE_FILE = "vsa_state.safetensors"
 # predictor `active` tensors; 3: the gate's per-tensor streaks, for retirement; 4: buffers allocated at
 # the first record, and the peak state ratio; 5: the residual stored in 4 bits, not ternary; 6: the
 # predictor may hold a probe's samples, not whole tensors; 7: the probe's sample, drawn from the first gradient;
-# 8: the blocks' gradient consistency and drop probabilities).
-STATE_VERSION = 8
+# 8: the blocks' gradient consistency and drop probabilities; 9: every trainable tensor tracked (the
+# exact ones too, for whole-step PREDICT), the AR fit's settings, the noise scale and the whole-step decision).
+STATE_VERSION = 9
 # Settings whose change makes saved state meaningless.
 STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum", "vsa_compression",
                   "vsa_history_window", "vsa_compression_block", "vsa_ternary_rounding", "vsa_bundle_size",
-                  "vsa_probe_fraction")
+                  "vsa_probe_fraction", "vsa_ar_order", "vsa_ar_ridge")
 _ENGINE_INTS = ("step", "corrections", "cycle_n", "log_n")
 _ENGINE_TENSORS = ("cosine", "cosine_sum", "tensor_cosine", "tensor_trust")
-# Measured-loss sums differ by rank (each rank sees its own data): saved as one row per rank.
-RANK_LOCAL = ("cycle_loss", "log_loss", "last_loss")
+# Measured-loss sums and the micro-batch gradient norms differ by rank (each rank sees its own data):
+# saved as one row per rank (float64, so that float32 values round-trip exactly).
+RANK_LOCAL = ("cycle_loss", "log_loss", "last_loss", "noise_small")
+# The whole-step decision and what it was made from (host values, the same on every rank).
+_ENGINE_HOST = ("whole", "admitted_cosine", "admitted_energy", "kappa", "forwards_skipped")
 
 
 def by_name(key, names):
@@ -39,7 +43,7 @@ def by_name(key, names):
 
 def rank_local(engine):
     """This rank's row of the rank-local statistics, to be gathered across ranks before saving."""
-    return torch.stack([getattr(engine, k).float() for k in RANK_LOCAL])
+    return torch.stack([getattr(engine, k).double() for k in RANK_LOCAL])
 
 
 def engine_state(engine, rows=None):
@@ -61,6 +65,15 @@ def engine_state(engine, rows=None):
             tensors[f"consistency/{key}"] = value
         else:
             meta[f"consistency/{key}"] = value
+    for key, value in engine.noise.state_dict().items():
+        if key == "small":  # rank-local, in engine/rank_local
+            continue
+        if isinstance(value, torch.Tensor):
+            tensors[f"noise/{key}"] = value
+        else:
+            meta[f"noise/{key}"] = value
+    for name in _ENGINE_HOST:
+        meta[f"engine/{name}"] = getattr(engine, name)
     meta["engine/drop"] = list(engine.drop)
     for name in _ENGINE_INTS:
         meta[f"engine/{name}"] = getattr(engine, name)
@@ -165,6 +178,20 @@ def load_engine(engine, directory, rank=0, world=1):
         raise ValueError(f"{path}: bad block consistency state ({type(e).__name__}: {e}); the droppable blocks "
                          "follow the model, vsa_exact_fraction and vsa_block_drop < 1: resume with the saved "
                          "ones, or pass vsa_reset_state_on_resume=True") from e
+    try:
+        engine.noise.load_state_dict(
+            {k: engine.noise.small if k == "small" else
+             tensors[f"noise/{k}"] if isinstance(v, torch.Tensor) else meta[f"noise/{k}"]
+             for k, v in engine.noise.state_dict().items()})
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: bad noise-scale state ({type(e).__name__}: {e}); it depends on "
+                         "gradient_accumulation_steps and the number of processes: resume with the saved ones, "
+                         "or pass vsa_reset_state_on_resume=True") from e
+    for name in _ENGINE_HOST:
+        value = meta.get(f"engine/{name}")
+        if not isinstance(value, (bool, int, float)):
+            raise ValueError(f"{path}: engine/{name} must be a number, got {value!r}")
+        setattr(engine, name, type(getattr(engine, name))(value))
     drop = meta["engine/drop"]
     if not restored:  # saved or resumed with vsa_block_drop=1: no block measured; the measurement starts now
         drop = [engine.args.vsa_block_drop] * len(engine.blocks)

@@ -5,7 +5,7 @@ from transformers import TrainingArguments
 
 from .compress import COMPRESSIONS, ROUNDINGS
 
-PREDICTORS = ("wls", "momentum")
+PREDICTORS = ("wls", "momentum", "ar")
 TRUSTS = ("fitted", "none")
 # Named settings. A preset sets the fields it names unless the user gave them another value.
 PRESETS = {
@@ -81,10 +81,31 @@ class VSATrainingArguments(TrainingArguments):
                           "lengthens FULL and shortens PREDICT (> 0)."},
     )
     vsa_predictor: str = field(
-        default="wls",
-        metadata={"help": "Gradient predictor: 'wls' (closed-form weighted least squares baseline + velocity*t) "
-                          "or 'momentum' (bias-corrected exponential moving average).",
+        default="ar",
+        metadata={"help": "Gradient predictor: 'ar' (per-tensor least-squares autoregression of order "
+                          "vsa_ar_order over the stored records, closed form from their inner products; follows "
+                          "oscillating gradients), 'wls' (closed-form weighted least squares baseline + "
+                          "velocity*t) or 'momentum' (bias-corrected exponential moving average).",
                   "choices": list(PREDICTORS)},
+    )
+    vsa_ar_order: int = field(
+        default=2,
+        metadata={"help": "'ar' predictor: coefficients per tensor (g_t ~ sum_j c_j g_{t-j}, j = 1..order), "
+                          ">= 1 and < vsa_history_window."},
+    )
+    vsa_ar_ridge: float = field(
+        default=1e-3,
+        metadata={"help": "'ar' predictor: ridge added to the normal equations, relative to their trace (>= 0)."},
+    )
+    vsa_whole_step: bool = field(
+        default=True,
+        metadata={"help": "Let PREDICT steps skip the forward, every micro-batch's backward and the gradient "
+                          "all-reduce where it is measured to pay: the admitted predictions carry at least half "
+                          "of the gradient's energy, and their cosine with the actual gradient at CORRECT steps "
+                          "is at least kappa = 1 / (1 + B_noise / B), the mean's share of a minibatch gradient "
+                          "(measured from the gradient noise scale, vsa/noise_scale), i.e. the predicted step is "
+                          "as well aligned with the mean gradient as a backward. Elsewhere PREDICT steps run "
+                          "the partial backward. False: never."},
     )
     vsa_momentum: float = field(
         default=0.9, metadata={"help": "EMA coefficient of the 'momentum' predictor, in [0, 1)."}
@@ -245,6 +266,11 @@ class VSATrainingArguments(TrainingArguments):
             raise ValueError(f"vsa_min_cosine must be in [-1, 1], got {self.vsa_min_cosine}")
         if self.vsa_predictor not in PREDICTORS:
             raise ValueError(f"vsa_predictor must be one of {PREDICTORS}, got {self.vsa_predictor!r}")
+        if self.vsa_predictor == "ar" and not 1 <= self.vsa_ar_order < self.vsa_history_window:
+            raise ValueError(f"vsa_ar_order must be >= 1 and < vsa_history_window ({self.vsa_history_window}) "
+                             f"with vsa_predictor='ar' (a fit of order k needs k + 1 records), got {self.vsa_ar_order}")
+        if self.vsa_ar_ridge < 0:
+            raise ValueError(f"vsa_ar_ridge must be >= 0, got {self.vsa_ar_ridge}")
         if self.vsa_trust not in TRUSTS:
             raise ValueError(f"vsa_trust must be one of {TRUSTS}, got {self.vsa_trust!r}")
         if self.vsa_compression not in COMPRESSIONS:

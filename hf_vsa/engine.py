@@ -12,6 +12,7 @@ import torch
 from .blocks import BlockSkip, Consistency, drop_probabilities, find_blocks
 from .compress import TernaryAccumulator, mix_seed
 from .controller import Phase, PhaseController
+from .noise import NoiseScale
 from .predictor import GradientPredictor
 from .probe import Probe
 
@@ -19,17 +20,18 @@ logger = logging.getLogger(__name__)
 
 
 class VSAEngine:
-    def __init__(self, args, model, reduce_mean=None):
+    def __init__(self, args, model, reduce_mean=None, world=1):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("VSATrainer: the model has no parameter with requires_grad=True")
-        # Partial backward: the last `exact` tensors (output end) get exact gradients on PREDICT
-        # steps; only the ones before them are predicted and tracked.
+        # Every trainable tensor is tracked and can be predicted (whole-step PREDICT predicts them all).
+        # Partial backward: the last `exact` tensors (output end) get exact gradients on partial PREDICT
+        # steps; only the ones before them are candidates for prediction there.
         exact = round(len(named) * args.vsa_exact_fraction)
-        self.exact_params = [p for _, p in named[len(named) - exact:]]
-        named = named[:len(named) - exact]
-        if not named:
+        self.n_predicted = len(named) - exact
+        if not self.n_predicted:
             raise ValueError("vsa_exact_fraction leaves no tensor to predict; lower it")
+        self.exact = set(range(self.n_predicted, len(named)))
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         # DropBP on partial PREDICT steps: the blocks whose trainable tensors are all predicted
@@ -39,7 +41,7 @@ class VSAEngine:
         if exact and args.vsa_block_drop < 1.0:  # 1: no block computed, all frozen, as with no blocks
             for b in find_blocks(model):
                 mine = [q for q in b.parameters() if q.requires_grad]
-                if mine and all(id(q) in index for q in mine):
+                if mine and all(index.get(id(q), self.n_predicted) < self.n_predicted for q in mine):
                     self.blocks.append(b)
                     owned.append([index[id(q)] for q in mine])
         self.block_tensors = owned
@@ -73,7 +75,7 @@ class VSAEngine:
         self.predictor = self._new_predictor(self.params if self.probe is None else self.probe.stand_ins)
         self.accumulator = None  # ternary gradient accumulation (gradient_accumulation_steps > 1)
         if args.vsa_ternary_accumulation and args.gradient_accumulation_steps > 1:
-            self.accumulator = TernaryAccumulator([*self.params, *self.exact_params], args.vsa_compression_block,
+            self.accumulator = TernaryAccumulator(self.params, args.vsa_compression_block,
                                                   args.vsa_seed)
         self.micro_batch = 0  # micro-batches with a backward run so far in this optimizer step
         dev = self.params[0].device
@@ -93,18 +95,27 @@ class VSAEngine:
         # Largest state so far. No buffer exists before the first record, which allocates them
         # (after vsa_skip_sparse has dropped tensors); after it they only shrink (retired tensors).
         self.peak_state_ratio = 0.0
+        # The gradient noise scale (noise.py) and the whole-step decision it feeds (decide_whole).
+        self.noise = NoiseScale(self.params, args.gradient_accumulation_steps, world, args.per_device_train_batch_size,
+                                dev, args.vsa_seed)
+        self.whole = False  # PREDICT steps of this stretch run no forward and no backward at all
+        self.admitted_cosine, self.admitted_energy = nan, 0.0  # at the last CORRECT step (host floats)
+        self.kappa = nan  # the mean's share of the gradient at the last decision (host float)
+        self.forwards_skipped = 0  # steps with no forward since the last log (host int)
 
     def close(self):
         """Let go of the model before another engine takes it (a new run, a reset on resume)."""
         if self.block_skip is not None:
             self.block_skip.remove()
+        self.noise.remove()
 
     def _new_predictor(self, tensors):
         a = self.args
         return GradientPredictor(
             tensors, kind=a.vsa_predictor, decay=a.vsa_history_decay, residual_decay=a.vsa_residual_decay,
             momentum=a.vsa_momentum, compression=a.vsa_compression, window=a.vsa_history_window,
-            block=a.vsa_compression_block, rounding=a.vsa_ternary_rounding, bundle=a.vsa_bundle_size, seed=a.vsa_seed)
+            block=a.vsa_compression_block, rounding=a.vsa_ternary_rounding, bundle=a.vsa_bundle_size, seed=a.vsa_seed,
+            order=a.vsa_ar_order, ridge=a.vsa_ar_ridge)
 
     def end_probe(self, log=True):
         """The probe's measurements are in: the tensors it still tracks (not dropped, not retired) get
@@ -130,8 +141,10 @@ class VSAEngine:
             self.computed = set()
             self.phase = self.controller.next_phase(self._take_cycle_loss)
             self.phases.append(self.phase.name)
+            self.noise.listening = self.phase.runs_backward
             if self.phase is Phase.PREDICT and self.controller.at_block_start:
                 self.refresh_drop()
+                self.decide_whole()
             # The probe ends at the first FULL block after a CORRECT step has measured it, so the full
             # history fills during that block, before the next PREDICT block reads it (with no FULL
             # blocks, at the next PREDICT block: its CORRECT steps fill the history).
@@ -180,6 +193,8 @@ class VSAEngine:
         """Last micro-batch of a backprop step: record the accumulated, synchronised gradient."""
         if self.blocks:
             self.consistency.update(self.step)  # a cosine: the fp16 loss scale cancels out
+        self.noise.listening = False
+        self.noise.observe(self.step, self._grads())  # a ratio of squared norms: the loss scale cancels out
         history = self.predictor.history
         if history is not None and self.controller.records_before_read() >= history.window:
             # A ring of `window` records: this one would be pushed out before anything reads it
@@ -194,7 +209,7 @@ class VSAEngine:
         if not self.predictor.active:  # every tensor dropped or retired: nothing to record or compare
             return
         if self.phase is Phase.CORRECT:
-            cosine, rel_residual, per_tensor, trust = self.predictor.correct(grads, self.step)
+            cosine, rel_residual, per_tensor, trust, parts = self.predictor.correct(grads, self.step)
             self.cosine = cosine
             self.cosine_sum += torch.nan_to_num(cosine)
             self.corrections += 1
@@ -202,14 +217,39 @@ class VSAEngine:
             self.tensor_cosine += w * (torch.nan_to_num(per_tensor) - self.tensor_cosine)
             self.tensor_trust += w * (torch.nan_to_num(trust) - self.tensor_trust)
             # host sync: once per CORRECT step (a backprop step), for the decisions below
-            rel, *per = torch.cat([rel_residual.reshape(1), self.tensor_cosine, self.tensor_trust]).tolist()
+            n = len(self.params)
+            rel, *per = torch.cat([rel_residual.reshape(1), self.tensor_cosine, self.tensor_trust,
+                                   parts.reshape(-1)]).tolist()
+            dots, a2, p2 = (per[(2 + j) * n:(3 + j) * n] for j in range(3))
+            per = per[:2 * n]
             self.controller.report_residual(rel)
             self.refresh_mask(per)
+            self._measure_admitted(dots, a2, p2)
             self._retire()
+            self.decide_whole()
         else:
             self.predictor.record(grads, self.step)
             if first:  # the buffers were just allocated: the peak (host arithmetic, no sync)
                 self.peak_state_ratio = max(self.peak_state_ratio, self.state_memory_ratio())
+
+    def _measure_admitted(self, dots, a2, p2):
+        """At a CORRECT step (host lists, per tensor; NaN for untracked ones): the cosine with the
+        actual gradient of the predictions the gate admits, and their share of its energy."""
+        ok = lambda x: x == x  # noqa: E731 (not NaN)
+        adm = [i for i, keep in enumerate(self.predict_mask) if keep and ok(dots[i])]
+        total = sum(x for x in a2 if ok(x))
+        d, a, p = (sum(x[i] for i in adm) for x in (dots, a2, p2))
+        self.admitted_cosine = d / math.sqrt(a * p) if a > 0 and p > 0 else math.nan
+        self.admitted_energy = a / total if total > 0 else 0.0
+
+    def decide_whole(self):
+        """Whole-step PREDICT for the steps that follow, or the partial backward: from measurements
+        only (noise.py): the admitted predictions carry most of the gradient's energy and are at
+        least as well aligned with the mean gradient as a backward would be (cosine >= kappa).
+        Host sync (the noise estimate): at the start of a PREDICT block and at CORRECT steps."""
+        self.kappa = self.noise.estimate(self.reduce_mean)[0]
+        self.whole = bool(self.args.vsa_whole_step and self.probe is None and self.corrections
+                          and self.admitted_energy >= 0.5 and self.admitted_cosine >= self.kappa)
 
     def _drop_sparse(self, grads):
         """Before the first record: tensors whose gradient is mostly exact zeros (embedding rows of
@@ -286,8 +326,17 @@ class VSAEngine:
                              for i, c in enumerate(tensor_cos)]
 
     @property
+    def noise_small(self):  # rank-local state saved with the checkpoint (checkpoint.RANK_LOCAL)
+        return self.noise.small
+
+    @noise_small.setter
+    def noise_small(self, value):
+        self.noise.small = value
+
+    @property
     def partial(self) -> bool:
-        return bool(self.exact_params)
+        """This PREDICT stretch runs the partial backward (configured, and not decided whole-step)."""
+        return bool(self.exact) and not self.whole
 
     def freeze_predicted(self, frozen: bool):
         """Partial backward. Without droppable blocks, the predicted tensors are frozen and autograd
@@ -298,12 +347,14 @@ class VSAEngine:
         vsa_skip_sparse dropped) get theirs."""
         if self.block_skip is not None:
             self.block_skip.reset()
+        if frozen:
+            self.computed = set(self.exact)
         if frozen and self.blocks:
             gen = torch.Generator().manual_seed(mix_seed(self.args.vsa_seed, 3, self.step))
             draw = torch.rand(len(self.blocks), generator=gen).tolist()  # host tensor: no device sync
             self.block_skip.skipped = {k for k, u in enumerate(draw) if u < self.drop[k]}
             skipped = {i for k in self.block_skip.skipped for i in self.block_tensors[k]}
-            self.computed = set(range(len(self.params))) - skipped - self._sparse()
+            self.computed = (set(range(len(self.params))) - skipped - self._sparse()) | self.exact
         for i, p in enumerate(self.params):
             if frozen:  # (a callback may have frozen some since the engine was built: they stay frozen)
                 self.requires[i] = p.requires_grad
@@ -317,8 +368,7 @@ class VSAEngine:
 
     def exact_grads(self):
         """The gradients a partial PREDICT step computed: the exact tensors' and the kept blocks'."""
-        ps = [*self.exact_params, *(self.params[i] for i in sorted(self.computed))]
-        return [p.grad for p in ps if p.grad is not None]
+        return [self.params[i].grad for i in sorted(self.computed) if self.params[i].grad is not None]
 
     def add_time(self, seconds: float):
         if self.phase is not None:
@@ -348,6 +398,10 @@ class VSAEngine:
         if self.blocks:
             out["vsa/block_drop_mean"] = sum(self.drop) / len(self.drop)
             out["vsa/block_consistency_mean"] = self.consistency.mean.mean().item()  # host sync: logging steps only
+        kappa, b_noise, ratio = self.noise.estimate(self.reduce_mean)  # host sync: logging steps only
+        out["vsa/noise_scale"], out["vsa/batch_over_noise_scale"], out["vsa/mean_share"] = b_noise, ratio, kappa
+        out["vsa/whole_step"] = float(self.whole)
+        out["vsa/admitted_cosine"], out["vsa/admitted_energy"] = self.admitted_cosine, self.admitted_energy
         out["vsa/state_memory_ratio"] = self.state_memory_ratio()
         self.peak_state_ratio = max(self.peak_state_ratio, out["vsa/state_memory_ratio"])
         out["vsa/state_memory_peak_ratio"] = self.peak_state_ratio
@@ -357,7 +411,7 @@ class VSAEngine:
         """Bytes of all VSA state tensors over the fp32 bytes of the model's trainable parameters."""
         state = sum(v.numel() * v.element_size() for v in self.predictor.state_dict().values()
                     if isinstance(v, torch.Tensor))
-        trainable = 4 * sum(p.numel() for p in (*self.params, *self.exact_params))
+        trainable = 4 * sum(p.numel() for p in self.params)
         return state / trainable
 
     def take_measured_loss(self):

@@ -274,7 +274,8 @@ class GradientPredictor:
     def correct(self, grads, t: int):
         """At a CORRECT step: compare the prediction for t with the actual gradient, learn the
         residual (actual - fit), then record. Returns device tensors: (cosine, relative residual,
-        per-tensor cosine, per-tensor trust), NaN where the gradient was not finite. A tensor's
+        per-tensor cosine, per-tensor trust, per-tensor [<g, p>, |g|^2, |p|^2] as a [3, tensors]
+        tensor), NaN where the gradient was not finite (or the tensor is not tracked). A tensor's
         trust is the least-squares scale of its prediction p against the actual gradient g,
         <g, p> / |p|^2 (the multiple of p closest to g), clipped to [0, 1]."""
         full_grads = grads
@@ -293,12 +294,14 @@ class GradientPredictor:
         trust = self._spread((dots / p2.clamp_min(1e-30)).clamp(0.0, 1.0))
         cosine = (dots.sum() / (a2.sum().sqrt() * p2.sum().sqrt()).clamp_min(1e-30)).clamp(-1.0, 1.0)
         rel_residual = d2.sum().sqrt() / a2.sum().sqrt().clamp_min(1e-30)
+        parts = torch.stack([self._spread(x) for x in (dots, a2, p2)])
         if self.record(full_grads, t, finite=a2.sum().isfinite()):  # |actual|^2 is finite iff every element is
             if fresh is not None:
                 self._learn_residual(fresh, t)
-            return cosine, rel_residual, per_tensor, trust
+            return cosine, rel_residual, per_tensor, trust, parts
         nan = torch.full_like(cosine, float("nan"))
-        return nan, nan, torch.full_like(per_tensor, float("nan")), torch.full_like(trust, float("nan"))
+        return (nan, nan, torch.full_like(per_tensor, float("nan")), torch.full_like(trust, float("nan")),
+                torch.full_like(parts, float("nan")))
 
     def _spread(self, values):
         """Per-active-tensor values -> one per tensor, NaN for the inactive ones."""

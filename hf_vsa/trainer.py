@@ -68,7 +68,8 @@ class VSATrainer(Trainer):
     # ---- the method ------------------------------------------------------------------------
     def _vsa_engine(self) -> VSAEngine:
         if self.vsa is None:
-            self.vsa = VSAEngine(self.args, self.model, reduce_mean=self._vsa_reduce_mean)
+            self.vsa = VSAEngine(self.args, self.model, reduce_mean=self._vsa_reduce_mean,
+                                 world=self._vsa_world_size())
             if self._vsa_resume_dir is not None:
                 self._vsa_load(self._vsa_resume_dir)
         return self.vsa
@@ -93,6 +94,8 @@ class VSATrainer(Trainer):
             if last:
                 engine.after_backward(self._vsa_grad_scale())
             return loss
+        # Partial PREDICT: the forward and a backward that stops early. Whole-step PREDICT
+        # (engine.whole, decided from measurements) and vsa_exact_fraction=0: no backward at all.
         if engine.partial:
             engine.freeze_predicted(True)
             try:
@@ -109,9 +112,11 @@ class VSATrainer(Trainer):
             loss = self._vsa_forward_loss(model, inputs, num_items_in_batch)
             engine.note_loss(loss, last)
         else:
-            # No forward: hand the running loss the last measured value (logs replace the
-            # logged mean by the mean over measured steps, see log()).
+            # No forward, no backward, no collective on any micro-batch: hand the running loss the
+            # last measured value (logs replace the logged mean by the mean over measured steps, see log()).
             loss = engine.last_loss
+            if last:
+                engine.forwards_skipped += 1
         if last:
             engine.write_prediction(self._vsa_grad_scale())
         return loss
@@ -177,10 +182,11 @@ class VSATrainer(Trainer):
     def log(self, logs, start_time=None):
         if self.args.vsa_enabled and self.vsa is not None and "loss" in logs:
             measured, n = self.vsa.take_measured_loss()
-            if not (self.args.vsa_predict_forward or self.vsa.partial):
+            if self.vsa.forwards_skipped:  # (the same on every rank: decisions are from synchronised values)
                 # Honest loss: the mean over steps whose forward ran, not padded with repeats.
                 logs["loss"] = self.accelerator.reduce(measured, "mean").item()  # host sync: logging steps only
                 logs["vsa/loss_measured_steps"] = n
+                self.vsa.forwards_skipped = 0
             logs.update(self.vsa.stats())
         super().log(logs, start_time)
 
@@ -213,7 +219,8 @@ class VSATrainer(Trainer):
             logger.warning("hf_vsa: no usable VSA state in %s; starting it from scratch "
                            "(vsa_reset_state_on_resume=True)", directory, exc_info=True)
             self._vsa_drop_engine()
-            self.vsa = VSAEngine(self.args, self.model, reduce_mean=self._vsa_reduce_mean)
+            self.vsa = VSAEngine(self.args, self.model, reduce_mean=self._vsa_reduce_mean,
+                                 world=self._vsa_world_size())
 
     def _vsa_drop_engine(self):
         if self.vsa is not None:

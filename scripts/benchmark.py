@@ -124,7 +124,7 @@ def make_trainer(name, overrides, a, callbacks):
         cls = Trainer
     else:
         if a.quick:  # a schedule short enough that 12 steps reach PREDICT and CORRECT
-            overrides = {**dict(vsa_warmup_steps=2, vsa_history_window=2, vsa_full_steps=2, vsa_predict_steps=4,
+            overrides = {**dict(vsa_warmup_steps=3, vsa_history_window=3, vsa_full_steps=2, vsa_predict_steps=4,
                                 vsa_correct_every=2), **overrides}
         args = VSATrainingArguments(**common, **overrides)
         cls = VSATrainer

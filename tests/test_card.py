@@ -53,7 +53,7 @@ def test_the_trainers_own_card_content_survives(trained):
 def test_only_rank_zero_writes(tmp_path, monkeypatch):
     args = VSATrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8,
                                 report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
-                                vsa_warmup_steps=2, vsa_history_window=2, vsa_full_steps=1, vsa_predict_steps=2,
+                                vsa_warmup_steps=3, vsa_history_window=3, vsa_full_steps=1, vsa_predict_steps=2,
                                 vsa_correct_every=2)
     t = VSATrainer(model=make_model(), args=args, train_dataset=make_dataset(64))
     monkeypatch.setattr(type(t.args), "should_save", property(lambda self: False))

@@ -88,11 +88,13 @@ def test_correct_learns_decayed_residual_and_reports_cosine():
     pred.record([g], 0)
     pred.record([g], 1)
     actual = g + torch.randn(8)
-    cos, rel, per_tensor, trust = pred.correct([actual], 2)
+    cos, rel, per_tensor, trust, parts = pred.correct([actual], 2)
     ref_cos = torch.nn.functional.cosine_similarity(g, actual, dim=0)
     assert cos.item() == pytest.approx(ref_cos.item(), abs=1e-5)
     assert per_tensor[0].item() == pytest.approx(ref_cos.item(), abs=1e-5)
     assert rel.item() == pytest.approx(((actual - g).norm() / actual.norm()).item(), rel=1e-5)
+    # the parts the whole-step decision sums over admitted tensors: <g, p>, |g|^2, |p|^2
+    torch.testing.assert_close(parts[:, 0].float(), torch.stack([actual @ g, actual @ actual, g @ g]), rtol=1e-4, atol=1e-5)
     # trust: the least-squares multiple of the prediction closest to the actual gradient, in [0, 1]
     alpha = min(max((actual @ g / (g @ g)).item(), 0.0), 1.0)
     assert trust[0].item() == pytest.approx(alpha, abs=1e-5)
@@ -139,5 +141,5 @@ def test_trust_is_the_clipped_least_squares_scale_of_the_prediction(scale, expec
     grads = [torch.randn(16), torch.randn(4, 4)]
     pred.record(grads, 0)
     pred.record(grads, 1)  # the fit predicts exactly these gradients
-    _, _, _, trust = pred.correct([g * scale for g in grads], 2)
+    _, _, _, trust, _ = pred.correct([g * scale for g in grads], 2)
     torch.testing.assert_close(trust, torch.full((2,), expected, dtype=trust.dtype))

@@ -1,0 +1,75 @@
+"""The online gradient noise scale: unbiased on synthetic gradients of known mean and covariance,
+read from real micro-batch gradients through hooks, and the lag-1 fallback."""
+import math
+
+import torch
+
+from hf_vsa.noise import NoiseScale, mean_share, noise_terms
+
+
+def test_noise_terms_are_unbiased_on_synthetic_gradients_with_known_mean_and_covariance():
+    gen = torch.Generator().manual_seed(0)
+    d, k, trials = 200, 8, 4000
+    mean = torch.randn(d, generator=gen, dtype=torch.float64) * 0.3
+    sd = torch.rand(d, generator=gen, dtype=torch.float64) * 2  # diagonal covariance of one example
+    b = 4  # examples per micro-batch: each micro gradient has covariance diag(sd^2) / b
+    micro = mean + torch.randn(trials, k, d, generator=gen, dtype=torch.float64) * sd / math.sqrt(b)
+    small = micro.pow(2).sum(-1).mean(-1)  # per trial: mean over micro-batches of |g_b|^2
+    big = micro.mean(1).pow(2).sum(-1)  # |g_{kb}|^2
+    g2, trace = noise_terms(small, big, b, k * b)
+    true_g2, true_trace = mean.pow(2).sum().item(), sd.pow(2).sum().item()
+    # the means over trials agree within a few standard errors
+    for est, true in ((g2, true_g2), (trace, true_trace)):
+        assert abs(est.mean().item() - true) < 4 * est.std().item() / math.sqrt(trials), (est.mean(), true)
+    kappa = mean_share(true_g2, true_trace, k * b)
+    assert 0 < kappa < 1 and math.isclose(kappa, 1 / (1 + (true_trace / true_g2) / (k * b)))
+
+
+def test_hooks_read_micro_batch_gradients_and_the_estimate_matches_the_formula():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 1)
+    params = list(model.parameters())
+    k = 4
+    ns = NoiseScale(params, accum=k, world=1, batch=3, device="cpu")
+    micro_sq = []
+    for step in range(3):
+        ns.listening = True
+        model.zero_grad()
+        sq = 0.0
+        for _ in range(k):
+            before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+            x, y = torch.randn(3, 6), torch.randn(3, 1)
+            (torch.nn.functional.mse_loss(model(x), y) / k).backward()
+            sq += sum((p.grad - b0).pow(2).sum().item() for p, b0 in zip(params, before))
+        micro_sq.append((k * sq, sum(p.grad.pow(2).sum().item() for p in params)))
+        ns.listening = False
+        ns.observe(step, [p.grad for p in params])
+    small = sum(s for s, _ in micro_sq) / 3  # running means over 3 measurements: plain means
+    big = sum(b for _, b in micro_sq) / 3
+    assert math.isclose(ns.small.item(), small, rel_tol=1e-6) and math.isclose(ns.big.item(), big, rel_tol=1e-6)
+    kappa, b_noise, ratio = ns.estimate()
+    g2, trace = noise_terms(small, big, 1.0, k)
+    assert math.isclose(kappa, mean_share(g2, trace, k), rel_tol=1e-6)
+    if g2 > 0:
+        assert math.isclose(ratio, k * 3 / b_noise, rel_tol=1e-9)
+    # not listening: a backward adds nothing
+    before = ns.step_sq.clone()
+    model(torch.randn(2, 6)).sum().backward()
+    assert torch.equal(ns.step_sq, before)
+    ns.remove()
+
+
+def test_one_gradient_per_step_reads_kappa_from_the_lag1_cosine():
+    p = torch.nn.Parameter(torch.zeros(50))
+    ns = NoiseScale([p], accum=1, world=1, batch=8, device="cpu")
+    assert math.isnan(ns.estimate()[0])
+    base = torch.randn(50)
+    for step in range(6):  # identical gradients: everything is the mean
+        p.grad = base.clone()
+        ns.observe(step, [p.grad])
+    kappa, b_noise, ratio = ns.estimate()
+    assert kappa > 0.999 and b_noise < 1e-2
+    for step in range(6, 40):  # independent gradients: nothing is (lag-1 cosine about 0)
+        p.grad = torch.randn(50)
+        ns.observe(step, [p.grad])
+    assert ns.estimate()[0] < 0.3
