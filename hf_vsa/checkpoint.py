@@ -4,6 +4,7 @@ Tensors carry the predictor and statistics state keyed by parameter name; the sa
 metadata carries the controller's integers/floats as JSON and the settings the state depends on.
 """
 import json
+import logging
 import os
 
 import torch
@@ -11,6 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .controller import Phase
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "vsa_state.safetensors"
 # Bumped whenever saved state would be read differently (2: VSA keys made from random bytes;
@@ -148,7 +151,8 @@ def load_engine(engine, directory, rank=0, world=1):
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad predictor/active ({type(e).__name__}: {e})") from e
     expected, _ = engine_state(engine)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    noise = lambda keys: {k for k in keys if not k.startswith("noise/")}  # noqa: E731 (checked on their own below)
+    missing, unexpected = sorted(noise(expected) - noise(tensors)), sorted(noise(tensors) - noise(expected))
     if missing or unexpected:
         raise ValueError(f"{path}: tensors do not match the model's trainable parameters; "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -178,11 +182,15 @@ def load_engine(engine, directory, rank=0, world=1):
         raise ValueError(f"{path}: bad block consistency state ({type(e).__name__}: {e}); the droppable blocks "
                          "follow the model, vsa_exact_fraction and vsa_block_drop < 1: resume with the saved "
                          "ones, or pass vsa_reset_state_on_resume=True") from e
+    saved_noise = {k[len("noise/"):]: v for k, v in tensors.items() if k.startswith("noise/")}
+    saved_noise.update({k[len("noise/"):]: v for k, v in meta.items() if k.startswith("noise/")})
+    saved_noise["small"] = engine.noise.small  # rank-local: restored with engine/rank_local below
     try:
-        engine.noise.load_state_dict(
-            {k: engine.noise.small if k == "small" else
-             tensors[f"noise/{k}"] if isinstance(v, torch.Tensor) else meta[f"noise/{k}"]
-             for k, v in engine.noise.state_dict().items()})
+        noise_restored = engine.noise.load_state_dict(saved_noise)
+        if not noise_restored:
+            logger.warning("hf_vsa: %s: the gradient noise scale was measured with %s gradients per optimizer step "
+                           "(accumulation steps x processes), this run has %d; its measurement starts afresh",
+                           path, saved_noise.get("micro"), engine.noise.micro)
     except (KeyError, ValueError) as e:
         raise ValueError(f"{path}: bad noise-scale state ({type(e).__name__}: {e}); it depends on "
                          "gradient_accumulation_steps and the number of processes: resume with the saved ones, "
@@ -206,6 +214,8 @@ def load_engine(engine, directory, rank=0, world=1):
     row = rows[rank] if rows.shape[0] == world else rows.mean(0)
     for name, value in zip(RANK_LOCAL, row):
         setattr(engine, name, value.to(dev, getattr(engine, name).dtype))
+    if not noise_restored:
+        engine.noise_small = torch.zeros_like(engine.noise_small)
     for name in _ENGINE_INTS:
         setattr(engine, name, int(meta[f"engine/{name}"]))
     closed = meta["engine/closed"]

@@ -18,6 +18,16 @@ class Phase(IntEnum):
         return self is not Phase.PREDICT
 
 
+def whole_step_pays(cosine: float, energy: float, kappa: float) -> bool:
+    """Whether PREDICT steps may skip everything (forward, every backward, the all-reduce), from what
+    was measured: the predictions the gate admits carry most of the gradient's energy (energy >= 1/2),
+    and their cosine with the actual minibatch gradient is at least kappa, the mean's share of a
+    minibatch gradient (noise.py): then they are at least as well aligned with the mean gradient as
+    a backward would be. kappa = 0 (no mean measured at all: the estimates are clamped there) or
+    anything not measured yet (NaN) says no."""
+    return energy >= 0.5 and kappa > 0 and cosine >= kappa  # (NaN compares False)
+
+
 class PhaseController:
     """Adaptive bounds: FULL in [full_steps, 4*full_steps], PREDICT in [1, predict_steps].
 

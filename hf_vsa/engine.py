@@ -11,7 +11,7 @@ import torch
 
 from .blocks import BlockSkip, Consistency, drop_probabilities, find_blocks
 from .compress import TernaryAccumulator, mix_seed
-from .controller import Phase, PhaseController
+from .controller import Phase, PhaseController, whole_step_pays
 from .noise import NoiseScale
 from .predictor import GradientPredictor
 from .probe import Probe
@@ -92,6 +92,7 @@ class VSAEngine:
         self.log_loss, self.log_n = torch.zeros((), device=dev), 0
         self.seconds = {p.name: 0.0 for p in Phase}
         self.phases = []  # phase names of the steps run by this process (not checkpointed)
+        self.whole_steps = []  # the steps of those that ran whole-step PREDICT (not checkpointed)
         # Largest state so far. No buffer exists before the first record, which allocates them
         # (after vsa_skip_sparse has dropped tensors); after it they only shrink (retired tensors).
         self.peak_state_ratio = 0.0
@@ -101,6 +102,7 @@ class VSAEngine:
         self.whole = False  # PREDICT steps of this stretch run no forward and no backward at all
         self.admitted_cosine, self.admitted_energy = nan, 0.0  # at the last CORRECT step (host floats)
         self.kappa = nan  # the mean's share of the gradient at the last decision (host float)
+        self.noise_estimate = (nan, nan, nan)  # (kappa, noise scale, batch over it) at the last refresh_noise
         self.forwards_skipped = 0  # steps with no forward since the last log (host int)
 
     def close(self):
@@ -145,6 +147,8 @@ class VSAEngine:
             if self.phase is Phase.PREDICT and self.controller.at_block_start:
                 self.refresh_drop()
                 self.decide_whole()
+            if self.phase is Phase.PREDICT and self.whole:
+                self.whole_steps.append(global_step)
             # The probe ends at the first FULL block after a CORRECT step has measured it, so the full
             # history fills during that block, before the next PREDICT block reads it (with no FULL
             # blocks, at the next PREDICT block: its CORRECT steps fill the history).
@@ -242,14 +246,20 @@ class VSAEngine:
         self.admitted_cosine = d / math.sqrt(a * p) if a > 0 and p > 0 else math.nan
         self.admitted_energy = a / total if total > 0 else 0.0
 
+    def refresh_noise(self):
+        """The noise estimate (kappa, noise scale, batch over it) into host values. A collective under
+        DDP and a host sync: every rank calls it at the same points (decisions, logging steps)."""
+        self.noise_estimate = self.noise.estimate(self.reduce_mean)
+        self.kappa = self.noise_estimate[0]
+
     def decide_whole(self):
         """Whole-step PREDICT for the steps that follow, or the partial backward: from measurements
         only (noise.py): the admitted predictions carry most of the gradient's energy and are at
         least as well aligned with the mean gradient as a backward would be (cosine >= kappa).
         Host sync (the noise estimate): at the start of a PREDICT block and at CORRECT steps."""
-        self.kappa = self.noise.estimate(self.reduce_mean)[0]
+        self.refresh_noise()
         self.whole = bool(self.args.vsa_whole_step and self.probe is None and self.corrections
-                          and self.admitted_energy >= 0.5 and self.admitted_cosine >= self.kappa)
+                          and whole_step_pays(self.admitted_cosine, self.admitted_energy, self.kappa))
 
     def _drop_sparse(self, grads):
         """Before the first record: tensors whose gradient is mostly exact zeros (embedding rows of
@@ -398,7 +408,7 @@ class VSAEngine:
         if self.blocks:
             out["vsa/block_drop_mean"] = sum(self.drop) / len(self.drop)
             out["vsa/block_consistency_mean"] = self.consistency.mean.mean().item()  # host sync: logging steps only
-        kappa, b_noise, ratio = self.noise.estimate(self.reduce_mean)  # host sync: logging steps only
+        kappa, b_noise, ratio = self.noise_estimate  # (no collective here: rank 0 alone calls this for the card)
         out["vsa/noise_scale"], out["vsa/batch_over_noise_scale"], out["vsa/mean_share"] = b_noise, ratio, kappa
         out["vsa/whole_step"] = float(self.whole)
         out["vsa/admitted_cosine"], out["vsa/admitted_energy"] = self.admitted_cosine, self.admitted_energy

@@ -113,12 +113,17 @@ class NoiseScale:
         return kappa, b_noise, (self.micro * self.batch / b_noise if b_noise > 0 else float("inf"))
 
     def state_dict(self) -> dict:
-        s = {"small": self.small, "big": self.big, "measured": self.measured}
+        s = {"small": self.small, "big": self.big, "measured": self.measured, "micro": self.micro}
         if self.lag1 is not None:
             s.update({f"lag1_{k}": v for k, v in self.lag1.state_dict().items()})
         return s
 
-    def load_state_dict(self, state: dict):
+    def load_state_dict(self, state: dict) -> bool:
+        """Restore saved measurements; False (nothing restored, the measurement starts afresh) where the
+        state was measured with another number of gradients per step (gradient accumulation steps x
+        processes): its norms are of other batch sizes. Any other mismatch is refused."""
+        if state.get("micro") != self.micro:
+            return False
         expected = set(self.state_dict())
         if set(state) != expected:
             raise ValueError(f"noise-scale state keys differ: missing {sorted(expected - set(state))}, unexpected "
@@ -129,3 +134,4 @@ class NoiseScale:
         self.small = state["small"].to(self.small.device, self.small.dtype)
         self.big = state["big"].to(self.big.device, self.big.dtype)
         self.measured = int(state["measured"])
+        return True

@@ -187,6 +187,7 @@ class VSATrainer(Trainer):
                 logs["loss"] = self.accelerator.reduce(measured, "mean").item()  # host sync: logging steps only
                 logs["vsa/loss_measured_steps"] = n
                 self.vsa.forwards_skipped = 0
+            self.vsa.refresh_noise()  # every rank logs: the one collective of the noise estimate
             logs.update(self.vsa.stats())
         super().log(logs, start_time)
 

@@ -29,6 +29,9 @@ CONFIGS = {
     "trainer": None,  # the plain transformers.Trainer
     "default": {},
     "sketch": {"vsa_preset": "sketch"},
+    # The plain Trainer at the task's own batch (no accumulation) over the same examples: the smaller
+    # batch a user could pick instead of --grad_accum N (N times the steps, eval every N times as many).
+    "trainer_small": "small",
 }
 
 
@@ -115,10 +118,15 @@ def make_trainer(name, overrides, a, callbacks):
     VSATrainer with these vsa_* overrides. Also used by step_cost.py, so both time the same run."""
     set_seed(a.seed)
     model, train, evl = TASKS[a.task][0](a)
+    accum = a.grad_accum
     common = dict(output_dir=os.path.join(a.workdir, name), max_steps=a.steps, per_device_train_batch_size=a.batch,
                   per_device_eval_batch_size=32, learning_rate=a.lr, lr_scheduler_type="constant",
                   eval_strategy="steps", eval_steps=a.eval_every, logging_steps=1, save_strategy="no",
-                  report_to="none", seed=a.seed, disable_tqdm=True, max_grad_norm=1.0, use_cpu=a.cpu)
+                  report_to="none", seed=a.seed, disable_tqdm=True, max_grad_norm=1.0, use_cpu=a.cpu,
+                  gradient_accumulation_steps=accum)
+    if overrides == "small":  # the same examples in accum times the steps of the task's own batch
+        common.update(max_steps=a.steps * accum, eval_steps=a.eval_every * accum, gradient_accumulation_steps=1)
+        overrides = None
     if overrides is None:
         args = VSATrainingArguments(**common, vsa_enabled=False)
         cls = Trainer
@@ -137,6 +145,8 @@ def run_one(name, overrides, a):
     cls = type(trainer)
     trainer.evaluate()  # step-0 eval loss; also warms up the evaluation path outside the clock
     trainer.train()
+    if cls is VSATrainer:
+        trainer.vsa.refresh_noise()  # the noise estimate at the end, for the record below
     phases = trainer.vsa.phases if cls is VSATrainer else ["FULL"] * len(clock.steps)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     counts = trainer.vsa.controller.counts if cls is VSATrainer else {"FULL": len(clock.steps)}
@@ -150,6 +160,10 @@ def run_one(name, overrides, a):
             "state_memory_ratio": vsa.get("vsa/state_memory_ratio"),
             "state_memory_peak_ratio": vsa.get("vsa/state_memory_peak_ratio"),
             "tracked_tensor_fraction": vsa.get("vsa/tracked_tensor_fraction"),
+            "noise_scale": vsa.get("vsa/noise_scale"), "batch_over_noise_scale": vsa.get("vsa/batch_over_noise_scale"),
+            "mean_share": vsa.get("vsa/mean_share"),
+            "whole_steps": len(trainer.vsa.whole_steps) if cls is VSATrainer else 0,
+            "examples_per_step": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps,
             # per block, at the end: the drop probabilities in use and the measured lag-1 gradient cosines
             "block_drop": list(trainer.vsa.drop) if cls is VSATrainer else None,
             "block_consistency": trainer.vsa.consistency.mean.tolist() if cls is VSATrainer else None,  # host sync: once
@@ -168,6 +182,18 @@ def loss_at_wall(run, wall):
     """Eval loss of the last evaluation made within `wall` seconds of training."""
     done = [e for e in run["evals"] if e["wall"] <= wall + 1e-9]
     return done[-1]["eval_loss"] if done else None
+
+
+def loss_at_wall_interpolated(run, wall):
+    """Eval loss at `wall` seconds of training, linear between the two evaluations around it; None
+    past the run's last evaluation."""
+    evals = run["evals"]
+    for e0, e1 in zip(evals, evals[1:]):
+        if e0["wall"] <= wall <= e1["wall"]:
+            span = e1["wall"] - e0["wall"]
+            f = (wall - e0["wall"]) / span if span > 0 else 1.0
+            return e0["eval_loss"] + f * (e1["eval_loss"] - e0["eval_loss"])
+    return None
 
 
 def late_eval_vs_trainer(run, base, k=5):
@@ -192,6 +218,11 @@ def summarize(runs):
             "eval_loss_vs_trainer": r["final_eval_loss"] / target - 1.0,
             "last5_eval_vs_trainer": late_eval_vs_trainer(r, base),
             "trainer_eval_loss_at_same_wall": loss_at_wall(base, r["train_wall"]),
+            # the Trainer's eval loss at this run's training wall time, interpolated between its evaluations
+            "vs_trainer_at_same_wall": (None if loss_at_wall_interpolated(base, r["train_wall"]) is None else
+                                        r["final_eval_loss"] / loss_at_wall_interpolated(base, r["train_wall"]) - 1.0),
+            "noise_scale": r.get("noise_scale"), "batch_over_noise_scale": r.get("batch_over_noise_scale"),
+            "whole_steps": r.get("whole_steps", 0), "steps": len(r["step_wall"]),
             "backward_fraction": r["backward_fraction"],
             "train_wall": r["train_wall"],
             "peak_rss_gb": r["peak_rss_bytes"] / 2**30,
@@ -204,14 +235,16 @@ def summarize(runs):
 
 def print_table(summary):
     print(f"\ntarget = Trainer's final eval loss {summary['target_eval_loss']:.4f}")
-    print(f"{'run':<22}{'step-time x':>12}{'time-to-target':>16}{'final eval':>12}{'vs Trainer':>12}"
-          f"{'Trainer@same wall':>19}{'backward':>10}{'wall s':>9}{'peak RSS GB':>13}")
+    print(f"{'run':<16}{'step-time x':>12}{'time-to-target':>16}{'final eval':>12}{'vs Trainer':>12}"
+          f"{'vs Trainer@wall':>17}{'backward':>10}{'whole':>7}{'B/B_noise':>11}{'wall s':>9}{'peak RSS GB':>13}")
     for r in summary["rows"]:
         ttt = "not reached" if r["time_to_target_ratio"] is None else f"{r['time_to_target_ratio']:.2f}x"
-        same = r["trainer_eval_loss_at_same_wall"]
-        print(f"{r['name']:<22}{r['step_time_ratio']:>11.2f}x{ttt:>16}{r['final_eval_loss']:>12.4f}"
-              f"{r['eval_loss_vs_trainer']:>+11.1%} {'-' if same is None else f'{same:.4f}':>18}"
-              f"{r['backward_fraction']:>10.2f}{r['train_wall']:>9.1f}{r['peak_rss_gb']:>13.2f}"
+        same = r.get("vs_trainer_at_same_wall")
+        ratio = r.get("batch_over_noise_scale")
+        print(f"{r['name']:<16}{r['step_time_ratio']:>11.2f}x{ttt:>16}{r['final_eval_loss']:>12.4f}"
+              f"{r['eval_loss_vs_trainer']:>+11.1%} {'-' if same is None else f'{same:+.1%}':>16}"
+              f"{r['backward_fraction']:>10.2f}{r.get('whole_steps', 0):>7}{'-' if ratio is None else f'{ratio:.2f}':>11}"
+              f"{r['train_wall']:>9.1f}{r['peak_rss_gb']:>13.2f}"
               + ("" if r["cuda_max_allocated_gb"] is None else f"  CUDA max {r['cuda_max_allocated_gb']:.2f} GB"))
 
 
@@ -221,7 +254,7 @@ def spread(summaries):
     for i, row in enumerate(summaries[0]["rows"]):
         vals = {}
         for key in ("step_time_ratio", "time_to_target_ratio", "eval_loss_vs_trainer", "last5_eval_vs_trainer",
-                    "backward_fraction"):
+                    "backward_fraction", "vs_trainer_at_same_wall", "batch_over_noise_scale"):
             xs = [s["rows"][i].get(key) for s in summaries]
             got = [x for x in xs if x is not None]
             vals[key] = {"mean": sum(got) / len(got) if got else None, "min": min(got, default=None),
@@ -277,6 +310,9 @@ def parse(argv):
     p.add_argument("--steps", type=int, help="optimizer steps (task default)")
     p.add_argument("--eval_every", type=int, help="evaluate every N steps (task default)")
     p.add_argument("--batch", type=int, help="per-device batch size (task default)")
+    p.add_argument("--grad_accum", type=int, default=1,
+                   help="gradient accumulation steps: an effective batch of N times --batch (default steps: "
+                        "2 * task steps / N, so the Trainer sees twice the task's examples)")
     p.add_argument("--lr", type=float, help="AdamW learning rate, constant schedule (task default)")
     p.add_argument("--n_eval", type=int, help="held-out examples or blocks (task default)")
     p.add_argument("--max_length", type=int, default=48, help="sentiment: tokens per snippet")
@@ -287,7 +323,13 @@ def parse(argv):
     p.add_argument("--workdir", default="bench_out/runs")
     p.add_argument("--report", nargs="+", metavar="JSON", help="print the markdown results table of saved runs and exit")
     a = p.parse_args(argv)
-    for k, v in TASKS[a.task][1].items():
+    if a.grad_accum < 1:
+        p.error(f"--grad_accum must be >= 1, got {a.grad_accum}")
+    defaults = dict(TASKS[a.task][1])
+    if a.grad_accum > 1:
+        defaults["steps"] = -(-2 * defaults["steps"] // a.grad_accum)
+        defaults["eval_every"] = max(2, defaults["steps"] // 10)
+    for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
     if a.quick:
@@ -319,6 +361,8 @@ def main(argv=None):
         raise SystemExit(f"--configs: unknown {unknown}; known: {sorted(configs)}")
     if configs[names[0]] is not None:
         raise SystemExit("--configs: the first entry is the reference and must be 'trainer'")
+    if "trainer_small" in names and a.grad_accum == 1:
+        raise SystemExit("--configs: trainer_small is the Trainer without --grad_accum; pass --grad_accum N > 1")
     torch.set_num_threads(os.cpu_count() or 1)
     per_seed = []
     for seed in a.seeds:

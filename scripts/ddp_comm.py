@@ -25,12 +25,14 @@ MODES = {
     "default": {},
     # gradient accumulation 2 with micro-batch gradients held in ternary between micro-batches
     "ternary_accumulation": dict(vsa_exact_fraction=0.3, vsa_min_cosine=0.0, gradient_accumulation_steps=2,
-                                 vsa_ternary_accumulation=True),
+                                 vsa_ternary_accumulation=True, vsa_whole_step=False),
     "no_backward": dict(vsa_exact_fraction=0.0, vsa_min_cosine=-1.0),
     # PREDICT steps: a backward that stops at the exact tensors
-    "partial": dict(vsa_exact_fraction=0.3, vsa_min_cosine=0.0, vsa_block_drop=1.0),
+    "partial": dict(vsa_exact_fraction=0.3, vsa_min_cosine=0.0, vsa_block_drop=1.0, vsa_whole_step=False),
     # PREDICT steps: the same, plus the lower blocks that this step's DropBP draw keeps
-    "dropbp": dict(vsa_exact_fraction=0.3, vsa_min_cosine=0.0, vsa_block_drop=0.5),
+    "dropbp": dict(vsa_exact_fraction=0.3, vsa_min_cosine=0.0, vsa_block_drop=0.5, vsa_whole_step=False),
+    # the defaults with gradient accumulation: the measured noise scale decides whole-step PREDICT
+    "whole_step": dict(gradient_accumulation_steps=2),
 }
 
 
@@ -96,6 +98,7 @@ def main(argv=None):
     save_engine(trainer.vsa, os.path.join(a.out, f"vsa{rank}"), rows)
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
         json.dump({"world": trainer.args.world_size, "phases": trainer.vsa.phases, "comm": counter.per_step,
+                   "whole_steps": trainer.vsa.whole_steps,
                    "counts": trainer.vsa.controller.counts}, f)
     if rank == 0:
         per = lambda c: sum(b + o for _, b, o in c.per_step) / len(c.per_step)

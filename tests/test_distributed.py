@@ -18,11 +18,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(out, mode, resume=None):
+def launch(out, mode, resume=None, steps=None):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(SCRIPT), "--task", "tiny", "--mode", mode, "--out", str(out),
-           "--save_steps", "4"] + (["--resume", str(resume)] if resume else [])
+           "--save_steps", "4"] + (["--resume", str(resume)] if resume else []) + (["--steps", str(steps)] if steps else [])
     # A hang must fail the test, not block CI. One retry, only for a known gloo abort of a rank
     # ("terminate called without an active exception", seen in 2 of about 10 runs on 2 cores);
     # the run is deterministic, so a retry checks the same thing. Any other failure fails at once.
@@ -42,21 +42,25 @@ def same_files(out, name):
     return a
 
 
-@pytest.mark.parametrize("mode", ["no_backward", "partial", "dropbp", "ternary_accumulation"])
+@pytest.mark.parametrize("mode", ["no_backward", "partial", "dropbp", "ternary_accumulation", "whole_step"])
 def test_ranks_stay_identical_and_predict_steps_skip_ddp_all_reduce(tmp_path, mode):
     # ternary_accumulation: each rank holds its own micro-batch codes; they must be back in .grad
     # before DDP averages it, or the ranks' weights would part.
-    r0, r1 = launch(tmp_path, mode)
+    # whole_step: the defaults with gradient accumulation 2; the measured noise scale (its
+    # micro-batch norms averaged over the ranks) decides whole-step PREDICT the same on both ranks.
+    r0, r1 = launch(tmp_path, mode, steps=30 if mode == "whole_step" else None)
     assert r0["world"] == 2
     assert r0["phases"] == r1["phases"] and "PREDICT" in r0["phases"]
+    assert r0["whole_steps"] == r1["whole_steps"]
+    assert bool(r0["whole_steps"]) == (mode == "whole_step")  # (partial modes: vsa_whole_step=False)
     same_files(tmp_path, "weights{}.safetensors")
     same_files(tmp_path, "vsa{}/vsa_state.safetensors")
-    for phase, (calls, nbytes, own) in zip(r0["phases"], r0["comm"]):
+    for step, (phase, (calls, nbytes, own)) in enumerate(zip(r0["phases"], r0["comm"])):
         if phase == "PREDICT":
             assert calls == 0  # DDP's reducer is never used on a PREDICT step
-            # no_backward: no collective at all; partial: one bucket with the exact tensors only
-            # (dropbp: and the kept blocks' tensors; every rank draws the same blocks)
-            assert (own == 0) if mode == "no_backward" else (0 < own)
+            # no_backward and whole-step PREDICT: no collective at all; partial: one bucket with the
+            # exact tensors only (dropbp: and the kept blocks' tensors; every rank draws the same blocks)
+            assert (own == 0) if mode == "no_backward" or step in r0["whole_steps"] else (0 < own)
         else:
             assert calls > 0 and own == 0
     full = max(n for p, (c, n, o) in zip(r0["phases"], r0["comm"]) if p != "PREDICT")
