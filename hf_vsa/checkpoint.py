@@ -31,9 +31,10 @@ _ENGINE_INTS = ("step", "corrections", "cycle_n", "log_n")
 _ENGINE_TENSORS = ("cosine", "cosine_sum", "tensor_cosine", "tensor_trust")
 # Measured-loss sums and the micro-batch gradient norms differ by rank (each rank sees its own data):
 # saved as one row per rank (float64, so that float32 values round-trip exactly).
-RANK_LOCAL = ("cycle_loss", "log_loss", "last_loss", "noise_small")
+RANK_LOCAL = ("cycle_loss", "log_loss", "last_loss", "noise_g2", "noise_trace")
 # The whole-step decision and what it was made from (host values, the same on every rank).
-_ENGINE_HOST = ("whole", "admitted_cosine", "admitted_energy", "kappa", "forwards_skipped")
+_ENGINE_HOST = ("whole", "admitted_cosine", "admitted_energy", "kappa", "forwards_skipped", "micro_target",
+                "micro_seen", "micro_computed")
 
 
 def by_name(key, names):
@@ -46,7 +47,7 @@ def by_name(key, names):
 
 def rank_local(engine):
     """This rank's row of the rank-local statistics, to be gathered across ranks before saving."""
-    return torch.stack([getattr(engine, k).double() for k in RANK_LOCAL])
+    return torch.cat([getattr(engine, k).double().reshape(-1) for k in RANK_LOCAL])
 
 
 def engine_state(engine, rows=None):
@@ -69,7 +70,7 @@ def engine_state(engine, rows=None):
         else:
             meta[f"consistency/{key}"] = value
     for key, value in engine.noise.state_dict().items():
-        if key == "small":  # rank-local, in engine/rank_local
+        if key in ("g2", "trace"):  # rank-local, in engine/rank_local
             continue
         if isinstance(value, torch.Tensor):
             tensors[f"noise/{key}"] = value
@@ -184,7 +185,7 @@ def load_engine(engine, directory, rank=0, world=1):
                          "ones, or pass vsa_reset_state_on_resume=True") from e
     saved_noise = {k[len("noise/"):]: v for k, v in tensors.items() if k.startswith("noise/")}
     saved_noise.update({k[len("noise/"):]: v for k, v in meta.items() if k.startswith("noise/")})
-    saved_noise["small"] = engine.noise.small  # rank-local: restored with engine/rank_local below
+    saved_noise.update(g2=engine.noise.g2, trace=engine.noise.trace)  # rank-local: restored with engine/rank_local below
     try:
         noise_restored = engine.noise.load_state_dict(saved_noise)
         if not noise_restored:
@@ -209,13 +210,15 @@ def load_engine(engine, directory, rank=0, world=1):
                          f"({len(engine.blocks)}), got {str(drop)[:80]}")
     engine.drop = [float(d) for d in drop]
     rows = tensors["engine/rank_local"]
-    if rows.ndim != 2 or rows.shape[1] != len(RANK_LOCAL):
-        raise ValueError(f"{path}: engine/rank_local is {tuple(rows.shape)}, expected (world, {len(RANK_LOCAL)})")
+    sizes = [getattr(engine, k).numel() for k in RANK_LOCAL]
+    if rows.ndim != 2 or rows.shape[1] != sum(sizes):
+        raise ValueError(f"{path}: engine/rank_local is {tuple(rows.shape)}, expected (world, {sum(sizes)})")
     row = rows[rank] if rows.shape[0] == world else rows.mean(0)
-    for name, value in zip(RANK_LOCAL, row):
-        setattr(engine, name, value.to(dev, getattr(engine, name).dtype))
+    for name, value in zip(RANK_LOCAL, row.split(sizes)):
+        mine = getattr(engine, name)
+        setattr(engine, name, value.to(dev, mine.dtype).reshape(mine.shape))
     if not noise_restored:
-        engine.noise_small = torch.zeros_like(engine.noise_small)
+        engine.noise_g2, engine.noise_trace = torch.zeros_like(engine.noise_g2), torch.zeros_like(engine.noise_trace)
     for name in _ENGINE_INTS:
         setattr(engine, name, int(meta[f"engine/{name}"]))
     closed = meta["engine/closed"]

@@ -97,15 +97,32 @@ class VSATrainingArguments(TrainingArguments):
         default=1e-3,
         metadata={"help": "'ar' predictor: ridge added to the normal equations, relative to their trace (>= 0)."},
     )
+    vsa_adaptive_accumulation: bool = field(
+        default=True,
+        metadata={"help": "With gradient_accumulation_steps = K > 1: each optimizer step runs the forward and "
+                          "backward of only its last m micro-batches and rescales their sum by K/m, m the fewest "
+                          "whose expected optimizer steps to a given loss exceed the full batch's by at most "
+                          "vsa_tolerance, by the steps-vs-batch law S(B) = S_min (1 + B_noise / B) "
+                          "(McCandlish et al. 2018) with B_noise measured during the run (vsa/noise_scale). At "
+                          "least 2 in one process, 1 per rank under DDP (two gradients measure the noise scale); "
+                          "all K during WARMUP; revisited at each block start, CORRECT and logging step. The "
+                          "skipped micro-batches' examples are loaded but not trained on."},
+    )
+    vsa_tolerance: float = field(
+        default=0.05,
+        metadata={"help": "The fraction of extra optimizer steps to a given loss that each measured skip may "
+                          "cost (> 0): adaptive accumulation's fewer micro-batches (by the noise scale), and "
+                          "whole-step PREDICT (by the predictions' measured worth against a backward)."},
+    )
     vsa_whole_step: bool = field(
         default=True,
         metadata={"help": "Let PREDICT steps skip the forward, every micro-batch's backward and the gradient "
-                          "all-reduce where it is measured to pay: the admitted predictions carry at least half "
-                          "of the gradient's energy, and their cosine with the actual gradient at CORRECT steps "
-                          "is at least kappa = 1 / (1 + B_noise / B), the mean's share of a minibatch gradient "
-                          "(measured from the gradient noise scale, vsa/noise_scale), i.e. the predicted step is "
-                          "as well aligned with the mean gradient as a backward. Elsewhere PREDICT steps run "
-                          "the partial backward. False: never."},
+                          "all-reduce where it is measured to pay: a predicted step is worth v = e * c / kappa of "
+                          "a backward (e: the gradient energy share of the tensors the gate admits, c: their "
+                          "cosine with the actual gradient at CORRECT steps, kappa = 1 / (1 + B_noise / B): the "
+                          "mean's share of a minibatch gradient, from the measured noise scale), and v must keep "
+                          "the extra optimizer steps within vsa_tolerance. Elsewhere PREDICT steps run the "
+                          "partial backward. False: never."},
     )
     vsa_momentum: float = field(
         default=0.9, metadata={"help": "EMA coefficient of the 'momentum' predictor, in [0, 1)."}
@@ -269,6 +286,8 @@ class VSATrainingArguments(TrainingArguments):
         if self.vsa_predictor == "ar" and not 1 <= self.vsa_ar_order < self.vsa_history_window:
             raise ValueError(f"vsa_ar_order must be >= 1 and < vsa_history_window ({self.vsa_history_window}) "
                              f"with vsa_predictor='ar' (a fit of order k needs k + 1 records), got {self.vsa_ar_order}")
+        if self.vsa_tolerance <= 0:
+            raise ValueError(f"vsa_tolerance must be > 0, got {self.vsa_tolerance}")
         if self.vsa_ar_ridge < 0:
             raise ValueError(f"vsa_ar_ridge must be >= 0, got {self.vsa_ar_ridge}")
         if self.vsa_trust not in TRUSTS:

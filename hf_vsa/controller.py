@@ -18,14 +18,20 @@ class Phase(IntEnum):
         return self is not Phase.PREDICT
 
 
-def whole_step_pays(cosine: float, energy: float, kappa: float) -> bool:
+def whole_step_pays(cosine: float, energy: float, kappa: float, predict_share: float, tolerance: float) -> bool:
     """Whether PREDICT steps may skip everything (forward, every backward, the all-reduce), from what
-    was measured: the predictions the gate admits carry most of the gradient's energy (energy >= 1/2),
-    and their cosine with the actual minibatch gradient is at least kappa, the mean's share of a
-    minibatch gradient (noise.py): then they are at least as well aligned with the mean gradient as
-    a backward would be. kappa = 0 (no mean measured at all: the estimates are clamped there) or
-    anything not measured yet (NaN) says no."""
-    return energy >= 0.5 and kappa > 0 and cosine >= kappa  # (NaN compares False)
+    was measured. A whole-step PREDICT step is worth v = energy * cosine / kappa of a backprop step:
+    the predictions the gate admits carry `energy` of the gradient's energy (the others get no
+    update), and their cosine with the actual minibatch gradient is `cosine`, so their alignment
+    with the mean gradient is cosine / sqrt(kappa), against sqrt(kappa) for a backward (noise.py).
+    With a share p of the steps predicted, the optimizer needs 1 / (1 - p (1 - v)) times the steps
+    to a given loss: allowed while that is at most 1 + tolerance, i.e.
+    v >= 1 - tolerance / ((1 + tolerance) p). kappa = 0 (no mean measured: the estimates are clamped
+    there), no predicted steps, or anything not measured yet (NaN) says no."""
+    if not (kappa > 0 and predict_share > 0 and energy == energy and cosine == cosine):
+        return False
+    value = energy * cosine / kappa
+    return value >= 1 - tolerance / ((1 + tolerance) * predict_share)
 
 
 class PhaseController:
@@ -140,6 +146,15 @@ class PhaseController:
     def at_block_start(self) -> bool:
         """The step just decided is the first of its FULL or PREDICT block."""
         return self.left == (self.full if self.block is Phase.FULL else self.predict) - 1
+
+    @property
+    def predict_share(self) -> float:
+        """The share of the current schedule's steps that are PREDICT (CORRECT steps excluded)."""
+        m = self.predict
+        if m <= 0:
+            return 0.0
+        corrections = (m - 1) // self.correct_every  # none on the last PREDICT step
+        return (m - corrections) / (self.full + m)
 
     @property
     def backward_steps(self) -> int:

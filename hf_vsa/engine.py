@@ -12,7 +12,7 @@ import torch
 from .blocks import BlockSkip, Consistency, drop_probabilities, find_blocks
 from .compress import TernaryAccumulator, mix_seed
 from .controller import Phase, PhaseController, whole_step_pays
-from .noise import NoiseScale
+from .noise import NoiseScale, micro_batches_needed
 from .predictor import GradientPredictor
 from .probe import Probe
 
@@ -104,6 +104,11 @@ class VSAEngine:
         self.kappa = nan  # the mean's share of the gradient at the last decision (host float)
         self.noise_estimate = (nan, nan, nan)  # (kappa, noise scale, batch over it) at the last refresh_noise
         self.forwards_skipped = 0  # steps with no forward since the last log (host int)
+        # Adaptive accumulation: the micro-batches each step computes (the last micro_target of K).
+        self.accum, self.world = args.gradient_accumulation_steps, world
+        self.micro_target = self.accum
+        self.micro_index = self.micro_run = 0  # this step: micro-batches seen, and computed
+        self.micro_seen = self.micro_computed = 0  # the run's totals, over steps that computed any
 
     def close(self):
         """Let go of the model before another engine takes it (a new run, a reset on resume)."""
@@ -140,6 +145,7 @@ class VSAEngine:
         if global_step != self.step:
             self.step = global_step
             self.micro_batch = 0
+            self.micro_index = self.micro_run = 0
             self.computed = set()
             self.phase = self.controller.next_phase(self._take_cycle_loss)
             self.phases.append(self.phase.name)
@@ -147,6 +153,8 @@ class VSAEngine:
             if self.phase is Phase.PREDICT and self.controller.at_block_start:
                 self.refresh_drop()
                 self.decide_whole()
+            elif self.phase is Phase.FULL and self.controller.at_block_start:
+                self.refresh_noise()
             if self.phase is Phase.PREDICT and self.whole:
                 self.whole_steps.append(global_step)
             # The probe ends at the first FULL block after a CORRECT step has measured it, so the full
@@ -167,12 +175,13 @@ class VSAEngine:
         self.cycle_n = 0
         return value
 
-    def note_loss(self, loss, last_micro_batch: bool):
-        """A measured (forward-pass) micro-batch loss, already scaled for accumulation."""
+    def note_loss(self, loss, last_micro_batch: bool, factor=1.0):
+        """A measured (forward-pass) micro-batch loss, already scaled for accumulation; `factor`
+        makes it the share of the step's mean that it stands for (adaptive accumulation: K / m)."""
         loss = loss.detach()
         self.last_loss = loss
-        self.cycle_loss += loss
-        self.log_loss += loss
+        self.cycle_loss += loss * factor
+        self.log_loss += loss * factor
         if last_micro_batch:
             self.cycle_n += 1
             self.log_n += 1
@@ -187,18 +196,29 @@ class VSAEngine:
         """The blocks' drop probabilities for the PREDICT block that starts: vsa_block_drop, scaled
         per block by its measured gradient noise share when vsa_adaptive_block_drop is on."""
         base = self.args.vsa_block_drop
-        if not (self.blocks and self.args.vsa_adaptive_block_drop and self.consistency.measured):
+        if not (self.blocks and self.args.vsa_adaptive_block_drop):
             self.drop = [base] * len(self.blocks)
             return
+        # The noise share of each block's gradient: from the micro-batch gradients' noise scale where a
+        # step has two or more (it tells noise from a deterministic oscillation, which also makes the
+        # lag-1 cosine low), else from the lag-1 cosine.
+        share = self.noise.group_share(self.block_tensors, self.reduce_mean)
+        if share is None:
+            if not self.consistency.measured:
+                self.drop = [base] * len(self.blocks)
+                return
+            share = self.reduce_mean(self.consistency.mean)
         # host sync: once per cycle; averaged over processes so that every rank skips the same blocks
-        self.drop = drop_probabilities(self.reduce_mean(self.consistency.mean), base).tolist()
+        self.drop = drop_probabilities(share, base).tolist()
 
-    def after_backward(self, grad_scale=None):
-        """Last micro-batch of a backprop step: record the accumulated, synchronised gradient."""
+    def after_backward(self, grad_scale=None, micro_scale=1.0):
+        """Last micro-batch of a backprop step: record the accumulated, synchronised gradient
+        (`micro_scale`: the factor rescale_micro applied to it)."""
         if self.blocks:
             self.consistency.update(self.step)  # a cosine: the fp16 loss scale cancels out
         self.noise.listening = False
-        self.noise.observe(self.step, self._grads())  # a ratio of squared norms: the loss scale cancels out
+        # (a ratio of squared norms: the fp16 loss scale cancels out)
+        self.noise.observe(self.step, self._grads(), computed=self.micro_run, scale=micro_scale)
         history = self.predictor.history
         if history is not None and self.controller.records_before_read() >= history.window:
             # A ring of `window` records: this one would be pushed out before anything reads it
@@ -247,19 +267,52 @@ class VSAEngine:
         self.admitted_energy = a / total if total > 0 else 0.0
 
     def refresh_noise(self):
-        """The noise estimate (kappa, noise scale, batch over it) into host values. A collective under
-        DDP and a host sync: every rank calls it at the same points (decisions, logging steps)."""
+        """The noise estimate (kappa, noise scale, batch over it) into host values, and the micro-batches
+        adaptive accumulation computes from now on. A collective under DDP and a host sync: every rank
+        calls it at the same points (block starts, CORRECT steps, logging steps)."""
         self.noise_estimate = self.noise.estimate(self.reduce_mean)
         self.kappa = self.noise_estimate[0]
+        a = self.args
+        if a.vsa_adaptive_accumulation and self.accum > 1 and self.controller.block is not Phase.WARMUP:
+            noise = self.noise_estimate[1] / (a.per_device_train_batch_size * self.world)  # in micro-batches
+            fewest = 2 if self.world == 1 else 1  # two gradients a step keep the noise scale measured
+            self.micro_target = micro_batches_needed(noise, self.accum, fewest, a.vsa_tolerance)
+
+    def take_micro(self, last: bool) -> bool:
+        """Adaptive accumulation: whether this micro-batch runs its forward and backward (the step's
+        last micro_target do; the last one always, so that DDP synchronises as usual)."""
+        i = self.micro_index
+        self.micro_index += 1
+        run = last or i >= self.accum - self.micro_target
+        self.micro_run += run
+        self.micro_seen += 1
+        self.micro_computed += run
+        return run
+
+    @property
+    def loss_factor(self) -> float:
+        """A computed micro-batch's loss (scaled 1/K by the Trainer) times this is its share of the step's mean."""
+        return self.accum / self.micro_target if self.micro_target < self.accum else 1.0
+
+    def rescale_micro(self, k_step: int) -> float:
+        """After the last computed micro-batch: the accumulated gradients, a sum over micro_run of the
+        step's k_step micro-batches, rescaled to their mean's scale (k_step / micro_run). Returns the factor."""
+        factor = k_step / max(self.micro_run, 1)
+        if factor != 1.0:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, factor)
+        return factor
 
     def decide_whole(self):
         """Whole-step PREDICT for the steps that follow, or the partial backward: from measurements
-        only (noise.py): the admitted predictions carry most of the gradient's energy and are at
-        least as well aligned with the mean gradient as a backward would be (cosine >= kappa).
+        only (controller.whole_step_pays): the admitted predictions are worth enough of a backward
+        that the predicted steps cost at most vsa_tolerance more optimizer steps.
         Host sync (the noise estimate): at the start of a PREDICT block and at CORRECT steps."""
         self.refresh_noise()
         self.whole = bool(self.args.vsa_whole_step and self.probe is None and self.corrections
-                          and whole_step_pays(self.admitted_cosine, self.admitted_energy, self.kappa))
+                          and whole_step_pays(self.admitted_cosine, self.admitted_energy, self.kappa,
+                                              self.controller.predict_share, self.args.vsa_tolerance))
 
     def _drop_sparse(self, grads):
         """Before the first record: tensors whose gradient is mostly exact zeros (embedding rows of
@@ -335,13 +388,9 @@ class VSAEngine:
         self.predict_mask = [i in active and (gate_off or c >= self.args.vsa_min_cosine)
                              for i, c in enumerate(tensor_cos)]
 
-    @property
-    def noise_small(self):  # rank-local state saved with the checkpoint (checkpoint.RANK_LOCAL)
-        return self.noise.small
-
-    @noise_small.setter
-    def noise_small(self, value):
-        self.noise.small = value
+    # rank-local state saved with the checkpoint (checkpoint.RANK_LOCAL)
+    noise_g2 = property(lambda self: self.noise.g2, lambda self, v: setattr(self.noise, "g2", v))
+    noise_trace = property(lambda self: self.noise.trace, lambda self, v: setattr(self.noise, "trace", v))
 
     @property
     def partial(self) -> bool:
@@ -411,6 +460,9 @@ class VSAEngine:
         kappa, b_noise, ratio = self.noise_estimate  # (no collective here: rank 0 alone calls this for the card)
         out["vsa/noise_scale"], out["vsa/batch_over_noise_scale"], out["vsa/mean_share"] = b_noise, ratio, kappa
         out["vsa/whole_step"] = float(self.whole)
+        if self.accum > 1:
+            out["vsa/micro_batches"] = self.micro_target
+            out["vsa/micro_batch_fraction"] = self.micro_computed / self.micro_seen if self.micro_seen else 1.0
         out["vsa/admitted_cosine"], out["vsa/admitted_energy"] = self.admitted_cosine, self.admitted_energy
         out["vsa/state_memory_ratio"] = self.state_memory_ratio()
         self.peak_state_ratio = max(self.peak_state_ratio, out["vsa/state_memory_ratio"])

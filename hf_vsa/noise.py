@@ -19,6 +19,9 @@ backward. With one gradient per step (n = 1) there is no second batch size; then
 from the lag-1 cosine of consecutive backprop steps' gradients, whose expectation is kappa while G
 changes slowly between them.
 """
+import functools
+import math
+
 import torch
 
 from .blocks import Consistency
@@ -41,31 +44,47 @@ def mean_share(g2, trace, batch):
     return min(1.0, g2 / (g2 + max(trace, 0.0) / batch))
 
 
+def micro_batches_needed(noise, full, fewest, tolerance):
+    """Adaptive accumulation: the fewest micro-batches m in [fewest, full] whose expected optimizer
+    steps to a given loss exceed those of all `full` by at most `tolerance` (a fraction), by the
+    steps-vs-batch law S(B) = S_min (1 + B_noise / B) (McCandlish et al. 2018, eq. 2.11); `noise`:
+    B_noise in micro-batches (over all ranks). NaN (not measured) or inf: all of them."""
+    if not noise == noise or noise == float("inf"):
+        return full
+    allowed = (1 + tolerance) * (1 + noise / full) - 1  # largest B_noise / B with at most that many more steps
+    return max(fewest, min(full, math.ceil(noise / allowed - 1e-9))) if noise > 0 else fewest
+
+
 class NoiseScale:
     """Running estimates for one run: `accum` micro-batches of `batch` examples per optimizer step on
-    each of `world` ranks, so micro = accum * world gradients of batch b per step.
+    each of `world` ranks, so up to accum * world gradients of batch b per step (fewer where adaptive
+    accumulation computes fewer micro-batches: each step's estimate uses its own count).
 
     Micro-batch gradients are read by tensor hooks before they accumulate into .grad (local to the
     rank under DDP, hence the cross-rank mean at the host read); the hooks count only while
     `listening` (backprop steps). Device tensors only until estimate(), a host sync."""
 
     def __init__(self, params, accum, world, batch, device, seed=0):
-        self.accum, self.micro, self.batch = accum, accum * world, batch
-        micro = self.micro
+        self.accum, self.world, self.micro, self.batch = accum, world, accum * world, batch
         self.listening = False
-        self.step_sq = torch.zeros((), dtype=torch.float64, device=device)  # this step's micro-batch |a_k|^2
-        self.small = torch.zeros((), dtype=torch.float64, device=device)  # running mean of mean |g_micro|^2
-        self.big = torch.zeros((), dtype=torch.float64, device=device)  # running mean of |G_step|^2
+        params = list(params)
+        # Per tensor: this step's sum of micro-batch |a_k|^2, and running means of the per-step
+        # unbiased |G|^2 and tr(Sigma) (micro-batch units), rank-local: each is linear in this rank's
+        # micro-batch norms, so their cross-rank mean is the global estimate.
+        self.step_sq = torch.zeros(len(params), dtype=torch.float64, device=device)
+        self.g2 = torch.zeros(len(params), dtype=torch.float64, device=device)
+        self.trace = torch.zeros(len(params), dtype=torch.float64, device=device)
         self.measured = 0
         self.handles = []
-        if micro > 1:
-            self.handles = [p.register_hook(self._hook) for p in params if p.requires_grad]
-        # n = 1: the whole model's lag-1 gradient cosine, on a fixed random sample of each tensor
-        self.lag1 = Consistency([list(params)], device, seed) if micro == 1 else None
+        if self.micro > 1:
+            self.handles = [p.register_hook(functools.partial(self._hook, i)) for i, p in enumerate(params)
+                            if p.requires_grad]
+        # one gradient per step: the whole model's lag-1 gradient cosine, on a fixed random sample of each tensor
+        self.lag1 = Consistency([list(params)], device, seed) if self.micro == 1 else None
 
-    def _hook(self, grad):
+    def _hook(self, i, grad):
         if self.listening:
-            self.step_sq += grad.detach().float().pow(2).sum().double()
+            self.step_sq[i] += grad.detach().float().pow(2).sum().double()
         return None  # the gradient itself is unchanged
 
     def remove(self):
@@ -73,28 +92,35 @@ class NoiseScale:
             h.remove()
         self.handles = []
 
-    def observe(self, step, grads):
-        """After the last micro-batch of backprop step `step`: `grads`, the accumulated (synchronised)
-        gradient of every tracked tensor. The micro-batch gradients a_k add up to it as a mean does
-        (the Trainer scales each micro-batch's loss by 1/K), so K * a_k is a micro-batch's gradient
-        on the scale of the mean."""
+    def observe(self, step, grads, computed=None, scale=1.0):
+        """After the last micro-batch of backprop step `step`: `grads`, the step's accumulated
+        (synchronised) gradient of every tracked tensor, a mean over the `computed` micro-batches
+        (None: all) of each rank; `scale`, the factor the caller rescaled it by to make it one (K / m
+        under adaptive accumulation). The Trainer scales each micro-batch's loss by 1/K, so
+        K * a_k is a micro-batch's gradient on the scale of the mean."""
         if self.lag1 is not None:
             self.lag1.update(step)
             self.measured = self.lag1.measured
             return
-        big = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
-        k = self.accum
-        small = self.step_sq * k  # mean over this rank's k micro-batches of |k a|^2 = k * sum |a|^2
-        self.step_sq = torch.zeros_like(self.step_sq)
-        ok = big.isfinite() & small.isfinite()  # an overflowed fp16 step measures nothing
+        m = self.accum if computed is None else computed
+        n = m * self.world  # gradients of one micro-batch in this step, over all ranks
+        sq, self.step_sq = self.step_sq, torch.zeros_like(self.step_sq)
+        if n < 2:  # one gradient: no second batch size to compare it with
+            return
+        big = torch.stack(torch._foreach_norm(grads)).double().pow(2)
+        small = sq * (self.accum ** 2 / m)  # mean over this rank's m micro-batches of |K a|^2
+        big = big * (self.accum / m / scale) ** 2  # grads = scale * sum a_k; the mean of the K a_k is K/m * sum a_k
+        g2, trace = noise_terms(small, big, 1.0, float(n))
+        ok = (g2.sum() + trace.sum()).isfinite()  # an overflowed fp16 step measures nothing
         self.measured += 1
         w = 1.0 / min(self.measured, _SMOOTH)
-        self.small = torch.where(ok, self.small + w * (small - self.small), self.small)
-        self.big = torch.where(ok, self.big + w * (big - self.big), self.big)
+        self.g2 = torch.where(ok, self.g2 + w * (g2 - self.g2), self.g2)
+        self.trace = torch.where(ok, self.trace + w * (trace - self.trace), self.trace)
 
     def estimate(self, reduce_mean=None):
-        """(kappa, noise scale in examples, batch over noise scale), host floats; NaN before any
-        measurement. A host sync: call at decision points and logging steps only."""
+        """(kappa at the full batch, noise scale in examples, full batch over noise scale), host
+        floats; NaN before any measurement. A host sync (and under DDP a collective: every rank
+        calls it at the same points), at decision points and logging steps only."""
         nan = float("nan")
         if self.measured == 0:
             return nan, nan, nan
@@ -103,17 +129,28 @@ class NoiseScale:
             kappa = min(1.0, max(0.0, c))
             ratio = kappa / (1 - kappa) if kappa < 1 else float("inf")
             return kappa, (self.batch / ratio if ratio > 0 else float("inf")), ratio
-        small = self.small if reduce_mean is None else reduce_mean(self.small)
-        small, big = small.item(), self.big.item()  # host sync
-        g2, trace = noise_terms(small, big, 1.0, float(self.micro))
+        both = torch.stack([self.g2.sum(), self.trace.sum()])
+        g2, trace = (both if reduce_mean is None else reduce_mean(both)).tolist()  # host sync
         kappa = mean_share(g2, trace, self.micro)
         if g2 <= 0:
             return kappa, float("inf"), 0.0
         b_noise = max(trace, 0.0) / g2 * self.batch  # in examples
         return kappa, b_noise, (self.micro * self.batch / b_noise if b_noise > 0 else float("inf"))
 
+    def group_share(self, groups, reduce_mean=None):
+        """Per group of tensor indices (the droppable blocks), kappa at the full batch, a device
+        tensor; None where there are no micro-batch measurements (one gradient a step)."""
+        if self.lag1 is not None or self.measured == 0 or not groups:
+            return None
+        both = torch.stack([self.g2, self.trace])
+        g2, trace = both if reduce_mean is None else reduce_mean(both)
+        g2 = torch.stack([g2[list(g)].sum() for g in groups])
+        trace = torch.stack([trace[list(g)].sum() for g in groups]).clamp_min(0.0)
+        share = g2 / (g2 + trace / self.micro).clamp_min(1e-300)
+        return torch.where(g2 > 0, share.clamp(0.0, 1.0), torch.zeros_like(share))
+
     def state_dict(self) -> dict:
-        s = {"small": self.small, "big": self.big, "measured": self.measured, "micro": self.micro}
+        s = {"g2": self.g2, "trace": self.trace, "measured": self.measured, "micro": self.micro}
         if self.lag1 is not None:
             s.update({f"lag1_{k}": v for k, v in self.lag1.state_dict().items()})
         return s
@@ -131,7 +168,7 @@ class NoiseScale:
                              "changed since the checkpoint?)")
         if self.lag1 is not None:
             self.lag1.load_state_dict({k[len("lag1_"):]: v for k, v in state.items() if k.startswith("lag1_")})
-        self.small = state["small"].to(self.small.device, self.small.dtype)
-        self.big = state["big"].to(self.big.device, self.big.dtype)
+        self.g2 = state["g2"].to(self.g2.device, self.g2.dtype)
+        self.trace = state["trace"].to(self.trace.device, self.trace.dtype)
         self.measured = int(state["measured"])
         return True

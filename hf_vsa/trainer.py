@@ -88,11 +88,17 @@ class VSATrainer(Trainer):
         engine = self._vsa_engine()
         phase = engine.begin_step(self.state.global_step)
         last = self.accelerator.sync_gradients  # last micro-batch of this optimizer step
+        computes = phase.runs_backward or engine.partial
+        if computes and not engine.take_micro(last):
+            # Adaptive accumulation: the measured noise scale says this micro-batch adds nothing the
+            # step needs: no forward, no backward (the Trainer's running loss gets the last measured one).
+            return engine.last_loss
         if phase.runs_backward:
             loss = self._vsa_backprop(model, inputs, num_items_in_batch, last)
-            engine.note_loss(loss, last)
+            engine.note_loss(loss, last, engine.loss_factor)
             if last:
-                engine.after_backward(self._vsa_grad_scale())
+                scale = engine.rescale_micro(self.current_gradient_accumulation_steps)
+                engine.after_backward(self._vsa_grad_scale(), scale)
             return loss
         # Partial PREDICT: the forward and a backward that stops early. Whole-step PREDICT
         # (engine.whole, decided from measurements) and vsa_exact_fraction=0: no backward at all.
@@ -105,7 +111,9 @@ class VSATrainer(Trainer):
                     loss = self._vsa_backprop(model, inputs, num_items_in_batch, last)
             finally:
                 engine.freeze_predicted(False)
-            engine.note_loss(loss, last)
+            engine.note_loss(loss, last, engine.loss_factor)
+            if last:
+                engine.rescale_micro(self.current_gradient_accumulation_steps)
             if last and self._vsa_world_size() > 1:
                 self._vsa_all_reduce_mean(engine.exact_grads())
         elif self.args.vsa_predict_forward:

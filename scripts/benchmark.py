@@ -134,6 +134,7 @@ def make_trainer(name, overrides, a, callbacks):
         if a.quick:  # a schedule short enough that 12 steps reach PREDICT and CORRECT
             overrides = {**dict(vsa_warmup_steps=3, vsa_history_window=3, vsa_full_steps=2, vsa_predict_steps=4,
                                 vsa_correct_every=2), **overrides}
+        common.update(max_steps=round(a.steps * a.vsa_steps_factor))
         args = VSATrainingArguments(**common, **overrides)
         cls = VSATrainer
     return cls(model=model, args=args, train_dataset=train, eval_dataset=evl, callbacks=list(callbacks))
@@ -196,6 +197,11 @@ def loss_at_wall_interpolated(run, wall):
     return None
 
 
+def loss_at_step(run, step):
+    """Eval loss of the run's evaluation at optimizer step `step`, or None."""
+    return next((e["eval_loss"] for e in run["evals"] if e["step"] == step), None)
+
+
 def late_eval_vs_trainer(run, base, k=5):
     """Mean of the run's last k eval losses over the Trainer's (base's), minus 1: less noisy than
     the final evaluation alone."""
@@ -210,17 +216,24 @@ def summarize(runs):
     rows = []
     for r in runs:
         t = time_to(r, target)
+        # equal steps: the run's evaluation at the Trainer's last step (a longer run's, not its final one;
+        # trainer_small: its final one, after the same examples); equal wall: both runs interpolated at the
+        # shorter of the two training times
+        steps = len(base["step_wall"]) if r.get("examples_per_step") == base.get("examples_per_step") else None
+        at_steps = (loss_at_step(r, steps) if steps else None) or r["final_eval_loss"]
+        wall = min(r["train_wall"], base["train_wall"])
+        mine, theirs = loss_at_wall_interpolated(r, wall), loss_at_wall_interpolated(base, wall)
         rows.append({
             "name": r["name"],
             "step_time_ratio": per_step / (sum(r["step_wall"]) / len(r["step_wall"])),
             "time_to_target_ratio": None if t is None else t / base["train_wall"],
             "final_eval_loss": r["final_eval_loss"],
-            "eval_loss_vs_trainer": r["final_eval_loss"] / target - 1.0,
+            "eval_loss_at_trainer_steps": at_steps,
+            "eval_loss_vs_trainer": at_steps / target - 1.0,
             "last5_eval_vs_trainer": late_eval_vs_trainer(r, base),
             "trainer_eval_loss_at_same_wall": loss_at_wall(base, r["train_wall"]),
             # the Trainer's eval loss at this run's training wall time, interpolated between its evaluations
-            "vs_trainer_at_same_wall": (None if loss_at_wall_interpolated(base, r["train_wall"]) is None else
-                                        r["final_eval_loss"] / loss_at_wall_interpolated(base, r["train_wall"]) - 1.0),
+            "vs_trainer_at_same_wall": None if mine is None or theirs is None else mine / theirs - 1.0,
             "noise_scale": r.get("noise_scale"), "batch_over_noise_scale": r.get("batch_over_noise_scale"),
             "whole_steps": r.get("whole_steps", 0), "steps": len(r["step_wall"]),
             "backward_fraction": r["backward_fraction"],
@@ -310,6 +323,10 @@ def parse(argv):
     p.add_argument("--steps", type=int, help="optimizer steps (task default)")
     p.add_argument("--eval_every", type=int, help="evaluate every N steps (task default)")
     p.add_argument("--batch", type=int, help="per-device batch size (task default)")
+    p.add_argument("--vsa_steps_factor", type=float, default=1.0,
+                   help="VSATrainer runs this many times the Trainer's steps, so that a run slower per step can "
+                        "still reach the Trainer's final eval loss (time to it is then measured, not censored); "
+                        "'vs Trainer' compares at the Trainer's last step")
     p.add_argument("--grad_accum", type=int, default=1,
                    help="gradient accumulation steps: an effective batch of N times --batch (default steps: "
                         "2 * task steps / N, so the Trainer sees twice the task's examples)")
@@ -326,9 +343,10 @@ def parse(argv):
     if a.grad_accum < 1:
         p.error(f"--grad_accum must be >= 1, got {a.grad_accum}")
     defaults = dict(TASKS[a.task][1])
-    if a.grad_accum > 1:
-        defaults["steps"] = -(-2 * defaults["steps"] // a.grad_accum)
-        defaults["eval_every"] = max(2, defaults["steps"] // 10)
+    if a.grad_accum > 1:  # twice the task's examples, in about ten evaluations that end on the last step
+        steps = -(-2 * defaults["steps"] // a.grad_accum)
+        defaults["eval_every"] = max(2, round(steps / 10))
+        defaults["steps"] = -(-steps // defaults["eval_every"]) * defaults["eval_every"]
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)

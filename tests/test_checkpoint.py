@@ -38,6 +38,8 @@ def losses(t, start=0):
 VARIANTS = {"accum1": dict(gradient_accumulation_steps=1), "accum2": dict(gradient_accumulation_steps=2),
             "partial_gated": dict(gradient_accumulation_steps=1, vsa_exact_fraction=0.3, vsa_min_cosine=0.0),
             "uncompressed": dict(vsa_compression="none"),
+            # the measured noise scale decides whole-step PREDICT and the micro-batches each step computes
+            "accum4_measured": dict(gradient_accumulation_steps=4),
             "retiring": dict(vsa_min_cosine=0.1, vsa_retire_after=1),  # tensors retire at every CORRECT step
             "vsa_stochastic_accum": dict(gradient_accumulation_steps=2, vsa_compression="vsa", vsa_bundle_size=2,
                                          vsa_ternary_rounding="stochastic", vsa_ternary_accumulation=True)}
@@ -59,6 +61,9 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, straight, at):
     assert r.vsa.predict_mask == t.vsa.predict_mask
     assert r.vsa.predictor.active == t.vsa.predictor.active
     assert r.vsa.phases == t.vsa.phases[at:]
+    assert r.vsa.whole_steps == [s for s in t.vsa.whole_steps if s >= at]
+    assert (r.vsa.micro_seen, r.vsa.micro_computed, r.vsa.micro_target) == (
+        t.vsa.micro_seen, t.vsa.micro_computed, t.vsa.micro_target)
     assert r.vsa.controller.counts == t.vsa.controller.counts  # statistics cover the whole run
     assert losses(r, at) == losses(t, at)
     for (n, x), (_, y) in zip(model.state_dict().items(), resumed_model.state_dict().items()):

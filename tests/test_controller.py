@@ -100,3 +100,27 @@ def test_records_before_read_counts_the_backprop_steps_left_before_a_predict_blo
     never = PhaseController(warmup_steps=1, full_steps=2, predict_steps=0, min_history=1, adaptive=False)
     never.next_phase()
     assert never.records_before_read() == float("inf")  # nothing ever reads the predictor
+
+
+def test_whole_step_pays_only_where_measured_worth_enough_of_a_backward():
+    from hf_vsa.controller import whole_step_pays
+    nan, p, tol = float("nan"), 0.68, 0.05  # the default schedule predicts 17 of 25 steps
+    need = 1 - tol / ((1 + tol) * p)  # the worth of a predicted step that costs tol more steps
+    assert whole_step_pays(0.45, 0.9, 0.32, p, tol)  # sentiment at batch 256: AR above the mean's share
+    assert not whole_step_pays(0.2, 0.9, 0.99, p, tol)  # nearly deterministic gradients: a backward is better
+    kappa = 0.9
+    assert whole_step_pays(need * kappa + 1e-9, 1.0, kappa, p, tol)  # just enough...
+    assert not whole_step_pays(need * kappa - 1e-9, 1.0, kappa, p, tol)  # ...and not quite
+    assert not whole_step_pays(0.5, 0.4, 0.32, p, tol)  # the gate admits too little of the gradient's energy
+    assert not whole_step_pays(0.45, 0.9, 0.0, p, tol)  # no mean measured at all
+    assert not whole_step_pays(0.45, 0.9, 0.3, 0.0, tol)  # nothing is predicted
+    assert not whole_step_pays(nan, 0.9, 0.3, p, tol) and not whole_step_pays(0.5, 0.9, nan, p, tol)
+    # the steps the predicted share costs stay within the tolerance at the boundary
+    v = need
+    assert 1 / (1 - p * (1 - v)) <= 1 + tol + 1e-12
+
+
+def test_predict_share_counts_predicted_steps_without_corrections():
+    c = PhaseController(warmup_steps=10, full_steps=5, predict_steps=20, correct_every=5)
+    assert c.predict_share == (20 - 3) / 25  # CORRECT at 5, 10, 15 (none on the last PREDICT step)
+    assert PhaseController(full_steps=5, predict_steps=0).predict_share == 0.0

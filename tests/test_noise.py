@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from hf_vsa.noise import NoiseScale, mean_share, noise_terms
+from hf_vsa.noise import NoiseScale, mean_share, micro_batches_needed, noise_terms
 
 
 def test_noise_terms_are_unbiased_on_synthetic_gradients_with_known_mean_and_covariance():
@@ -44,11 +44,11 @@ def test_hooks_read_micro_batch_gradients_and_the_estimate_matches_the_formula()
         micro_sq.append((k * sq, sum(p.grad.pow(2).sum().item() for p in params)))
         ns.listening = False
         ns.observe(step, [p.grad for p in params])
-    small = sum(s for s, _ in micro_sq) / 3  # running means over 3 measurements: plain means
-    big = sum(b for _, b in micro_sq) / 3
-    assert math.isclose(ns.small.item(), small, rel_tol=1e-6) and math.isclose(ns.big.item(), big, rel_tol=1e-6)
+    # running means over 3 measurements: plain means of the per-step unbiased estimates
+    per_step = [noise_terms(s, b, 1.0, k) for s, b in micro_sq]
+    g2, trace = (sum(x[j] for x in per_step) / 3 for j in (0, 1))
+    assert math.isclose(ns.g2.sum().item(), g2, rel_tol=1e-6) and math.isclose(ns.trace.sum().item(), trace, rel_tol=1e-6)
     kappa, b_noise, ratio = ns.estimate()
-    g2, trace = noise_terms(small, big, 1.0, k)
     assert math.isclose(kappa, mean_share(g2, trace, k), rel_tol=1e-6)
     if g2 > 0:
         assert math.isclose(ratio, k * 3 / b_noise, rel_tol=1e-9)
@@ -57,6 +57,43 @@ def test_hooks_read_micro_batch_gradients_and_the_estimate_matches_the_formula()
     model(torch.randn(2, 6)).sum().backward()
     assert torch.equal(ns.step_sq, before)
     ns.remove()
+
+
+def test_fewer_computed_micro_batches_estimate_the_same_terms():
+    """Adaptive accumulation computes m of K micro-batches and rescales the sum by K / m: the
+    per-step estimate uses n = m gradients and stays unbiased."""
+    gen = torch.Generator().manual_seed(1)
+    p = torch.nn.Parameter(torch.zeros(100))
+    mean, sd, k, m = torch.randn(100, generator=gen) * 0.2, 1.0, 8, 3
+    ns = NoiseScale([p], accum=k, world=1, batch=1, device="cpu")
+    g2s, traces = [], []
+    for step in range(400):
+        ns.listening = True
+        total = torch.zeros(100)
+        for _ in range(m):
+            a = (mean + sd * torch.randn(100, generator=gen)) / k  # the Trainer's 1/K loss scaling
+            ns._hook(0, a)
+            total += a
+        ns.listening = False
+        ns.measured = 0  # each step on its own: collect the per-step estimates
+        ns.observe(step, [total * (k / m)], computed=m, scale=k / m)
+        g2s.append(ns.g2.sum().item())
+        traces.append(ns.trace.sum().item())
+    est_g2, est_tr = sum(g2s) / len(g2s), sum(traces) / len(traces)
+    assert abs(est_g2 - mean.pow(2).sum().item()) < 0.15 * mean.pow(2).sum().item()
+    assert abs(est_tr - 100 * sd ** 2) < 0.05 * 100 * sd ** 2
+
+
+def test_micro_batches_needed_follows_the_steps_law():
+    # B_noise far below a micro-batch: the fewest; far above the full batch: all of them
+    assert micro_batches_needed(0.001, 8, 2, 0.05) == 2
+    assert micro_batches_needed(50.0, 8, 2, 0.05) == 8
+    assert micro_batches_needed(float("nan"), 8, 2, 0.05) == 8
+    for noise in (0.05, 0.3, 1.0, 3.0):
+        m = micro_batches_needed(noise, 8, 1, 0.05)
+        steps = lambda b: 1 + noise / b  # noqa: E731
+        assert steps(m) <= 1.05 * steps(8) + 1e-12  # within tolerance...
+        assert m == 1 or steps(m - 1) > 1.05 * steps(8)  # ...and the fewest that are
 
 
 def test_one_gradient_per_step_reads_kappa_from_the_lag1_cosine():

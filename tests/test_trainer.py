@@ -668,3 +668,49 @@ def test_a_tensor_a_callback_freezes_mid_run_stays_frozen_and_unchanged(tmp_path
     t.train()
     assert "PREDICT" in t.vsa.phases[6:] and not frozen.requires_grad
     assert torch.equal(frozen, seen["at"])
+
+
+class ForwardCounter(TrainerCallback):
+    """Forward calls of the model per optimizer step (a forward pre-hook; no counter of ours)."""
+
+    def __init__(self, model):
+        self.calls, self.per_step = 0, []
+        model.register_forward_pre_hook(lambda m, a: setattr(self, "calls", self.calls + 1))
+
+    def on_step_end(self, args, state, control, **kw):
+        self.per_step.append(self.calls)
+        self.calls = 0
+
+
+def test_measured_noise_decides_whole_step_predict_and_the_micro_batches_each_step_computes(tmp_path):
+    # The defaults with gradient accumulation 4: the noise scale is measured from the micro-batch
+    # gradients. Whole-step PREDICT steps run no forward and no backward on any micro-batch; every
+    # other step runs exactly the micro-batches adaptive accumulation chose (all 4 in WARMUP).
+    model = make_model()
+    fwd, bwd = ForwardCounter(model), BackwardCounter(model.bert.embeddings.word_embeddings.weight)
+    run = []
+
+    class Grab(TrainerCallback):
+        def on_step_end(self, *a, **kw):
+            run.append((t.vsa.phase, t.vsa.micro_run, t.vsa.whole))
+
+    # One label for every example: a gradient with a strong mean, so the measurements have
+    # something to find (the noise scale is a fraction of the batch; predictions follow it).
+    data = make_dataset(2048).map(lambda row: {"labels": 1})
+    t = VSATrainer(model=model, args=args(tmp_path, gradient_accumulation_steps=4, max_steps=40, **SCHEDULE),
+                   train_dataset=data, callbacks=[fwd, bwd, Grab()])
+    t.train()
+    e = t.vsa
+    assert e.whole_steps, "the measured predictability never called for whole-step PREDICT"
+    assert any(m < 4 for p, m, w in run if p is not Phase.PREDICT), "adaptive accumulation never skipped"
+    for k, (phase, micro, whole) in enumerate(run):
+        if k in e.whole_steps:
+            assert phase is Phase.PREDICT and whole and fwd.per_step[k] == 0 and bwd.per_step[k] == 0
+        else:
+            assert fwd.per_step[k] == micro >= 1
+            if phase is Phase.WARMUP:
+                assert micro == 4
+            if phase is not Phase.PREDICT:
+                assert bwd.per_step[k] == micro
+    logged = [h for h in t.state.log_history if "vsa/noise_scale" in h]
+    assert logged and all(h["vsa/micro_batches"] in (2, 3, 4) for h in logged)
