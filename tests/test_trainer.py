@@ -531,8 +531,10 @@ def dropbp_run(tmp_path, data, **kw):
             e = t.vsa
             rows.append((e.phase, list(e.drop), e.consistency.mean.clone(), set(e.computed)))
 
+    # (DropBP's partial steps on every PREDICT step: no whole-step PREDICT here)
     t = VSATrainer(model=model, args=args(tmp_path, **{**dict(max_steps=40, vsa_exact_fraction=0.1,
-                                                              vsa_block_drop=0.5, **SCHEDULE), **kw}),
+                                                              vsa_block_drop=0.5, vsa_whole_step=False,
+                                                              **SCHEDULE), **kw}),
                    train_dataset=data, callbacks=[Grab()])
     t.train()
     return t.vsa, [r for r in rows if r[0] is Phase.PREDICT]
