@@ -266,14 +266,16 @@ class VSAEngine:
         self.admitted_cosine = d / math.sqrt(a * p) if a > 0 and p > 0 else math.nan
         self.admitted_energy = a / total if total > 0 else 0.0
 
-    def refresh_noise(self):
-        """The noise estimate (kappa, noise scale, batch over it) into host values, and the micro-batches
-        adaptive accumulation computes from now on. A collective under DDP and a host sync: every rank
-        calls it at the same points (block starts, CORRECT steps, logging steps)."""
+    def refresh_noise(self, decide=True):
+        """The noise estimate (kappa, noise scale, batch over it) into host values; with `decide`, also
+        the micro-batches adaptive accumulation computes from now on (at block starts and CORRECT
+        steps only, so that logging never changes training). A collective under DDP and a host sync:
+        every rank calls it at the same points."""
         self.noise_estimate = self.noise.estimate(self.reduce_mean)
         self.kappa = self.noise_estimate[0]
         a = self.args
-        if a.vsa_adaptive_accumulation and self.accum > 1 and self.controller.block is not Phase.WARMUP:
+        if (decide and a.vsa_adaptive_accumulation and self.accum > 1
+                and self.controller.block is not Phase.WARMUP):
             noise = self.noise_estimate[1] / (a.per_device_train_batch_size * self.world)  # in micro-batches
             fewest = 2 if self.world == 1 else 1  # two gradients a step keep the noise scale measured
             self.micro_target = micro_batches_needed(noise, self.accum, fewest, a.vsa_tolerance)

@@ -91,7 +91,9 @@ class VSATrainer(Trainer):
         computes = phase.runs_backward or engine.partial
         if computes and not engine.take_micro(last):
             # Adaptive accumulation: the measured noise scale says this micro-batch adds nothing the
-            # step needs: no forward, no backward (the Trainer's running loss gets the last measured one).
+            # step needs: no forward, no backward (the Trainer's running loss gets the last measured
+            # one; logs report the measured mean instead, see log()).
+            engine.forwards_skipped += 1
             return engine.last_loss
         if phase.runs_backward:
             loss = self._vsa_backprop(model, inputs, num_items_in_batch, last)
@@ -190,12 +192,14 @@ class VSATrainer(Trainer):
     def log(self, logs, start_time=None):
         if self.args.vsa_enabled and self.vsa is not None and "loss" in logs:
             measured, n = self.vsa.take_measured_loss()
-            if self.vsa.forwards_skipped:  # (the same on every rank: decisions are from synchronised values)
+            # A forward was skipped since the last log (whole-step PREDICT, or a micro-batch adaptive
+            # accumulation left out): the same on every rank, decisions are from synchronised values.
+            if self.vsa.forwards_skipped:
                 # Honest loss: the mean over steps whose forward ran, not padded with repeats.
                 logs["loss"] = self.accelerator.reduce(measured, "mean").item()  # host sync: logging steps only
                 logs["vsa/loss_measured_steps"] = n
                 self.vsa.forwards_skipped = 0
-            self.vsa.refresh_noise()  # every rank logs: the one collective of the noise estimate
+            self.vsa.refresh_noise(decide=False)  # every rank logs: the noise estimate's one collective
             logs.update(self.vsa.stats())
         super().log(logs, start_time)
 

@@ -147,7 +147,7 @@ def run_one(name, overrides, a):
     trainer.evaluate()  # step-0 eval loss; also warms up the evaluation path outside the clock
     trainer.train()
     if cls is VSATrainer:
-        trainer.vsa.refresh_noise()  # the noise estimate at the end, for the record below
+        trainer.vsa.refresh_noise(decide=False)  # the noise estimate at the end, for the record below
     phases = trainer.vsa.phases if cls is VSATrainer else ["FULL"] * len(clock.steps)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     counts = trainer.vsa.controller.counts if cls is VSATrainer else {"FULL": len(clock.steps)}
@@ -365,7 +365,22 @@ def parse_value(v):
     return {"true": True, "false": False}.get(v.lower(), v)
 
 
+def command_line(argv, out):
+    """The command that reproduces this run, from the repository root (--out made root-relative)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = list(argv)
+    if "--out" in argv:
+        argv[argv.index("--out") + 1] = os.path.relpath(os.path.abspath(out), root)
+    return " ".join(["python scripts/benchmark.py", *argv])
+
+
+def versions():
+    from importlib.metadata import version
+    return {k: version(k) for k in ("hf_vsa", "torch", "transformers", "accelerate")}
+
+
 def main(argv=None):
+    argv_used = list(sys.argv[1:] if argv is None else argv)
     a = parse(argv)
     if a.report:
         return report(a.report)
@@ -393,7 +408,9 @@ def main(argv=None):
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not a.cpu else \
         f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     result = {"task": a.task, "device": device, "args": vars(a), "seeds": per_seed,
-              "spread": spread([s["summary"] for s in per_seed])}
+              "spread": spread([s["summary"] for s in per_seed]),
+              "date": time.strftime("%Y-%m-%d", time.gmtime()), "versions": versions(),
+              "command": command_line(argv_used, a.out)}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -36,7 +36,7 @@ def test_quick_benchmark_writes_measured_ratios(tmp_path):
 
 def test_quick_memory_benchmark_measures_every_kind_against_none(tmp_path):
     out = tmp_path / "m.json"
-    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_memory.py"), "--quick", "--seeds", "0",
+    done = subprocess.run([sys.executable, str(SCRIPTS / "diagnostics" / "bench_memory.py"), "--quick", "--seeds", "0",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -52,14 +52,14 @@ def test_quick_memory_benchmark_measures_every_kind_against_none(tmp_path):
 
 
 def test_gradient_noise_measures_cosines_against_the_actual_gradient(tmp_path):
-    sys.path.insert(0, str(SCRIPTS))
+    sys.path.insert(0, str(SCRIPTS / "diagnostics"))
     from gradient_noise import cosines
     import torch
     x, y = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])], [torch.tensor([1.0, 0.0]), torch.tensor([0.0, -1.0])]
     whole, per = cosines(x, y)
     assert per == [1.0, -1.0] and abs(whole - (1 - 3) / (10 ** 0.5 * 2 ** 0.5)) < 1e-12  # energy-weighted
     out = tmp_path / "n.json"
-    done = subprocess.run([sys.executable, str(SCRIPTS / "gradient_noise.py"), "--task", "sentiment", "--steps", "5",
+    done = subprocess.run([sys.executable, str(SCRIPTS / "diagnostics" / "gradient_noise.py"), "--task", "sentiment", "--steps", "5",
                            "--skip", "2", "--lags", "2", "--batch", "4", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -70,14 +70,14 @@ def test_gradient_noise_measures_cosines_against_the_actual_gradient(tmp_path):
 
 
 def test_step_cost_splits_a_real_trainer_step_and_bounds_any_forward_keeping_speedup(tmp_path):
-    sys.path.insert(0, str(SCRIPTS))
+    sys.path.insert(0, str(SCRIPTS / "diagnostics"))
     from step_cost import ceiling, max_backprop_share_for
     assert ceiling(1.0, 0.3) == 1.0 and ceiling(0.0, 0.5) == 2.0
     assert max_backprop_share_for(2.0, 0.5) is None and max_backprop_share_for(2.0, 0.6) is None
     p = max_backprop_share_for(2.0, 0.25)
     assert abs(p - 1 / 3) < 1e-12 and abs(ceiling(p, 0.25) - 2.0) < 1e-12
     out = tmp_path / "c.json"
-    done = subprocess.run([sys.executable, str(SCRIPTS / "step_cost.py"), "--quick", "--tasks", "gpt2_scratch",
+    done = subprocess.run([sys.executable, str(SCRIPTS / "diagnostics" / "step_cost.py"), "--quick", "--tasks", "gpt2_scratch",
                            "--out", str(out), "--workdir", str(tmp_path / "runs")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

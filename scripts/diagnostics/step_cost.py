@@ -2,9 +2,9 @@
 keeps the forward pass can save per optimizer step.
 
 usage:
-    python scripts/step_cost.py                                   # the three benchmark tasks
-    python scripts/step_cost.py --tasks sentiment --steps 40 --out bench_out/step_cost.json
-    python scripts/step_cost.py --quick --tasks gpt2_scratch      # a few steps, for CI smoke tests
+    python scripts/diagnostics/step_cost.py                                   # the three benchmark tasks
+    python scripts/diagnostics/step_cost.py --tasks sentiment --steps 40 --out bench_out/step_cost.json
+    python scripts/diagnostics/step_cost.py --quick --tasks gpt2_scratch      # a few steps, for CI smoke tests
 
 Runs the benchmark's own Trainer (scripts/benchmark.py: same model, data, batch and settings) and
 times every optimizer step in three parts: the forward (`compute_loss` with autograd on), the
@@ -28,6 +28,8 @@ import platform
 import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/: benchmark, tasks
 
 import torch
 

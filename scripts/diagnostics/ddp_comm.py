@@ -1,7 +1,7 @@
 """Gradient traffic under DDP: plain Trainer vs VSATrainer, measured by a DDP comm hook.
 
 Run it under accelerate (CPU: real DDP over gloo; GPU: NCCL):
-    accelerate launch --multi_gpu --num_processes 2 scripts/ddp_comm.py --task sentiment --steps 30
+    accelerate launch --multi_gpu --num_processes 2 scripts/diagnostics/ddp_comm.py --task sentiment --steps 30
 Trains the plain Trainer and then VSATrainer on the same model, data and seed in the same launch;
 rank 0 prints the gradient bytes all-reduced per optimizer step (DDP's hook, plus the exact-tensor
 bucket hf_vsa averages itself on partial PREDICT steps) and their ratio. Each rank writes its
@@ -11,6 +11,8 @@ import argparse
 import json
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/: benchmark, tasks
 
 import torch
 from safetensors.torch import save_file

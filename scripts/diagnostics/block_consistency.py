@@ -6,10 +6,14 @@ each transformer block, over its whole tensors and as hf_vsa's Consistency estim
 random sample of 1024 elements per tensor, scaled by size), on the same gradients.
 
 usage:
-    python scripts/block_consistency.py --task gpt2_scratch --steps 60
+    python scripts/diagnostics/block_consistency.py --task gpt2_scratch --steps 60
 """
 import argparse
 import statistics
+
+import os
+import sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/: benchmark, tasks
 
 import torch
 from benchmark import TASKS, training_batches

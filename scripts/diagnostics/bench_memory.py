@@ -1,10 +1,10 @@
 """Memory and fidelity of each vsa_compression kind, against 'none', measured in one run.
 
 usage:
-    python scripts/bench_memory.py                 # MiniLM-L6 + a 106M GPT-2, then 150-step MiniLM runs
-    python scripts/bench_memory.py --skip_training # the gradient measurements only (part 1)
-    python scripts/bench_memory.py --training_only # the training runs only (part 2)
-    python scripts/bench_memory.py --quick         # tiny models, a few steps (CI smoke test)
+    python scripts/diagnostics/bench_memory.py                 # MiniLM-L6 + a 106M GPT-2, then 150-step MiniLM runs
+    python scripts/diagnostics/bench_memory.py --skip_training # the gradient measurements only (part 1)
+    python scripts/diagnostics/bench_memory.py --training_only # the training runs only (part 2)
+    python scripts/diagnostics/bench_memory.py --quick         # tiny models, a few steps (CI smoke test)
 
 Part 1, per model (the MiniLM-L6 encoder of the sentiment task, and a causal LM of >= 100M
 parameters built from a GPT2Config and trained on CPython sources): real gradients of
@@ -29,7 +29,7 @@ import time
 import torch
 from transformers import set_seed
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/: benchmark, tasks
 import benchmark  # noqa: E402
 from hf_vsa import GradientPredictor  # noqa: E402
 from hf_vsa.compress import CompressedHistory  # noqa: E402
