@@ -33,8 +33,8 @@ _ENGINE_TENSORS = ("cosine", "cosine_sum", "tensor_cosine", "tensor_trust")
 # saved as one row per rank (float64, so that float32 values round-trip exactly).
 RANK_LOCAL = ("cycle_loss", "log_loss", "last_loss", "noise_g2", "noise_trace")
 # The whole-step decision and what it was made from (host values, the same on every rank).
-_ENGINE_HOST = ("whole", "admitted_cosine", "admitted_energy", "kappa", "forwards_skipped", "micro_target",
-                "micro_seen", "micro_computed")
+_ENGINE_HOST = ("whole", "admitted_cosine", "admitted_energy", "kappa", "forwards_skipped")
+_MICRO_HOST = ("target", "seen", "computed")  # adaptive accumulation's decision and counts
 
 
 def by_name(key, names):
@@ -78,6 +78,8 @@ def engine_state(engine, rows=None):
             meta[f"noise/{key}"] = value
     for name in _ENGINE_HOST:
         meta[f"engine/{name}"] = getattr(engine, name)
+    for name in _MICRO_HOST:
+        meta[f"micro/{name}"] = getattr(engine.micro, name)
     meta["engine/drop"] = list(engine.drop)
     for name in _ENGINE_INTS:
         meta[f"engine/{name}"] = getattr(engine, name)
@@ -201,6 +203,13 @@ def load_engine(engine, directory, rank=0, world=1):
         if not isinstance(value, (bool, int, float)):
             raise ValueError(f"{path}: engine/{name} must be a number, got {value!r}")
         setattr(engine, name, type(getattr(engine, name))(value))
+    for name in _MICRO_HOST:
+        value = meta.get(f"micro/{name}")
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{path}: micro/{name} must be an int >= 0, got {value!r}")
+        setattr(engine.micro, name, value)
+    if not noise_restored:  # another accumulation or world size: all micro-batches until measured anew
+        engine.micro.target = engine.accum
     drop = meta["engine/drop"]
     if not restored:  # saved or resumed with vsa_block_drop=1: no block measured; the measurement starts now
         drop = [engine.args.vsa_block_drop] * len(engine.blocks)

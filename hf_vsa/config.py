@@ -1,4 +1,10 @@
-"""VSATrainingArguments: TrainingArguments plus the vsa_* fields that configure hf_vsa."""
+"""The vsa_* fields that configure hf_vsa, defined once (VSAArguments) and mixed into every config:
+VSATrainingArguments = VSAArguments + TrainingArguments; for TRL, VSASFTConfig = VSAArguments +
+trl.SFTConfig (hf_vsa/trl.py). A config of your own for another Trainer subclass's arguments:
+
+    @dataclass
+    class MyConfig(VSAArguments, OtherTrainer's TrainingArguments subclass): pass
+"""
 from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
@@ -21,7 +27,9 @@ _BACKWARD_OPTIMIZERS = ("lomo", "adalomo")
 
 
 @dataclass
-class VSATrainingArguments(TrainingArguments):
+class VSAArguments:
+    """The vsa_* fields and their checks; mix in before a TrainingArguments subclass."""
+
     vsa_preset: str | None = field(
         default=None,
         metadata={"help": f"Named settings: {sorted(PRESETS)}. A preset sets the vsa_* fields it names that were "
@@ -242,11 +250,11 @@ class VSATrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        super().__post_init__()  # the TrainingArguments subclass this is mixed into
         if self.vsa_preset is not None:
             if self.vsa_preset not in PRESETS:
                 raise ValueError(f"vsa_preset must be one of {sorted(PRESETS)} or None, got {self.vsa_preset!r}")
-            defaults = {f.name: f.default for f in fields(VSATrainingArguments)}
+            defaults = {f.name: f.default for f in fields(VSAArguments)}
             for k, v in PRESETS[self.vsa_preset].items():
                 if getattr(self, k) == defaults[k]:
                     setattr(self, k, v)
@@ -313,3 +321,8 @@ class VSATrainingArguments(TrainingArguments):
         if self.fsdp:
             raise ValueError("fsdp is not supported by VSATrainer yet; supported: single process and DDP "
                              "(accelerate launch --multi_gpu). Set vsa_enabled=False to use FSDP.")
+
+
+@dataclass
+class VSATrainingArguments(VSAArguments, TrainingArguments):
+    """TrainingArguments plus the vsa_* fields (VSAArguments)."""

@@ -12,9 +12,11 @@ import torch
 from .blocks import BlockSkip, Consistency, drop_probabilities, find_blocks
 from .compress import TernaryAccumulator, mix_seed
 from .controller import Phase, PhaseController, whole_step_pays
-from .noise import NoiseScale, micro_batches_needed
+from .accumulation import AdaptiveAccumulation
+from .noise import NoiseScale
 from .predictor import GradientPredictor
 from .probe import Probe
+from .stats import engine_stats
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +106,10 @@ class VSAEngine:
         self.kappa = nan  # the mean's share of the gradient at the last decision (host float)
         self.noise_estimate = (nan, nan, nan)  # (kappa, noise scale, batch over it) at the last refresh_noise
         self.forwards_skipped = 0  # steps with no forward since the last log (host int)
-        # Adaptive accumulation: the micro-batches each step computes (the last micro_target of K).
-        self.accum, self.world = args.gradient_accumulation_steps, world
-        self.micro_target = self.accum
-        self.micro_index = self.micro_run = 0  # this step: micro-batches seen, and computed
-        self.micro_seen = self.micro_computed = 0  # the run's totals, over steps that computed any
+        # Adaptive accumulation: the micro-batches each step computes (accumulation.py).
+        self.accum = args.gradient_accumulation_steps
+        self.micro = AdaptiveAccumulation(self.accum, world, args.per_device_train_batch_size, args.vsa_tolerance,
+                                          args.vsa_adaptive_accumulation)
 
     def close(self):
         """Let go of the model before another engine takes it (a new run, a reset on resume)."""
@@ -145,7 +146,7 @@ class VSAEngine:
         if global_step != self.step:
             self.step = global_step
             self.micro_batch = 0
-            self.micro_index = self.micro_run = 0
+            self.micro.new_step()
             self.computed = set()
             self.phase = self.controller.next_phase(self._take_cycle_loss)
             self.phases.append(self.phase.name)
@@ -213,12 +214,12 @@ class VSAEngine:
 
     def after_backward(self, grad_scale=None, micro_scale=1.0):
         """Last micro-batch of a backprop step: record the accumulated, synchronised gradient
-        (`micro_scale`: the factor rescale_micro applied to it)."""
+        (`micro_scale`: the factor adaptive accumulation rescaled it by)."""
         if self.blocks:
             self.consistency.update(self.step)  # a cosine: the fp16 loss scale cancels out
         self.noise.listening = False
         # (a ratio of squared norms: the fp16 loss scale cancels out)
-        self.noise.observe(self.step, self._grads(), computed=self.micro_run, scale=micro_scale)
+        self.noise.observe(self.step, self._grads(), computed=self.micro.run, scale=micro_scale)
         history = self.predictor.history
         if history is not None and self.controller.records_before_read() >= history.window:
             # A ring of `window` records: this one would be pushed out before anything reads it
@@ -269,42 +270,12 @@ class VSAEngine:
     def refresh_noise(self, decide=True):
         """The noise estimate (kappa, noise scale, batch over it) into host values; with `decide`, also
         the micro-batches adaptive accumulation computes from now on (at block starts and CORRECT
-        steps only, so that logging never changes training). A collective under DDP and a host sync:
+        steps only, so that logging never changes training; all K during WARMUP). A collective under DDP and a host sync:
         every rank calls it at the same points."""
         self.noise_estimate = self.noise.estimate(self.reduce_mean)
         self.kappa = self.noise_estimate[0]
-        a = self.args
-        if (decide and a.vsa_adaptive_accumulation and self.accum > 1
-                and self.controller.block is not Phase.WARMUP):
-            noise = self.noise_estimate[1] / (a.per_device_train_batch_size * self.world)  # in micro-batches
-            fewest = 2 if self.world == 1 else 1  # two gradients a step keep the noise scale measured
-            self.micro_target = micro_batches_needed(noise, self.accum, fewest, a.vsa_tolerance)
-
-    def take_micro(self, last: bool) -> bool:
-        """Adaptive accumulation: whether this micro-batch runs its forward and backward (the step's
-        last micro_target do; the last one always, so that DDP synchronises as usual)."""
-        i = self.micro_index
-        self.micro_index += 1
-        run = last or i >= self.accum - self.micro_target
-        self.micro_run += run
-        self.micro_seen += 1
-        self.micro_computed += run
-        return run
-
-    @property
-    def loss_factor(self) -> float:
-        """A computed micro-batch's loss (scaled 1/K by the Trainer) times this is its share of the step's mean."""
-        return self.accum / self.micro_target if self.micro_target < self.accum else 1.0
-
-    def rescale_micro(self, k_step: int) -> float:
-        """After the last computed micro-batch: the accumulated gradients, a sum over micro_run of the
-        step's k_step micro-batches, rescaled to their mean's scale (k_step / micro_run). Returns the factor."""
-        factor = k_step / max(self.micro_run, 1)
-        if factor != 1.0:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, factor)
-        return factor
+        if decide and self.controller.block is not Phase.WARMUP:
+            self.micro.decide(self.noise_estimate[1])
 
     def decide_whole(self):
         """Whole-step PREDICT for the steps that follow, or the partial backward: from measurements
@@ -437,39 +408,8 @@ class VSAEngine:
 
     # ---- statistics ------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Plain numbers for logs and the model card (host syncs: call at logging steps only)."""
-        c = self.controller.counts
-        steps = self.controller.step
-        backward = steps - c["PREDICT"]
-        out = {"vsa/phase": float(self.phase) if self.phase is not None else -1.0,
-               "vsa/backward_fraction": backward / steps if steps else 1.0}
-        out.update({f"vsa/steps_{k.lower()}": v for k, v in c.items()})
-        out["vsa/backward_passes_skipped"] = c["PREDICT"]
-        out["vsa/prediction_cosine"] = self.cosine.item()  # host sync: logging steps only
-        out["vsa/prediction_cosine_mean"] = (
-            (self.cosine_sum / self.corrections).item() if self.corrections else float("nan"))  # host sync: logging
-        bw_time = sum(self.seconds[k] for k in ("WARMUP", "FULL", "CORRECT"))
-        total = sum(self.seconds.values())
-        out["vsa/speedup_estimate"] = (steps * bw_time / backward / total) if backward and total else 1.0
-        out["vsa/nonfinite_records_skipped"] = self.predictor.skipped
-        out["vsa/predicted_tensor_fraction"] = 0.0 if self.probe is not None else sum(self.predict_mask) / len(
-            self.predict_mask)
-        out["vsa/probing"] = float(self.probe is not None)
-        out["vsa/tracked_tensor_fraction"] = len(self.predictor.active) / len(self.params)
-        if self.blocks:
-            out["vsa/block_drop_mean"] = sum(self.drop) / len(self.drop)
-            out["vsa/block_consistency_mean"] = self.consistency.mean.mean().item()  # host sync: logging steps only
-        kappa, b_noise, ratio = self.noise_estimate  # (no collective here: rank 0 alone calls this for the card)
-        out["vsa/noise_scale"], out["vsa/batch_over_noise_scale"], out["vsa/mean_share"] = b_noise, ratio, kappa
-        out["vsa/whole_step"] = float(self.whole)
-        if self.accum > 1:
-            out["vsa/micro_batches"] = self.micro_target
-            out["vsa/micro_batch_fraction"] = self.micro_computed / self.micro_seen if self.micro_seen else 1.0
-        out["vsa/admitted_cosine"], out["vsa/admitted_energy"] = self.admitted_cosine, self.admitted_energy
-        out["vsa/state_memory_ratio"] = self.state_memory_ratio()
-        self.peak_state_ratio = max(self.peak_state_ratio, out["vsa/state_memory_ratio"])
-        out["vsa/state_memory_peak_ratio"] = self.peak_state_ratio
-        return out
+        """Plain numbers for logs and the model card (stats.py; host syncs: call at logging steps only)."""
+        return engine_stats(self)
 
     def state_memory_ratio(self) -> float:
         """Bytes of all VSA state tensors over the fp32 bytes of the model's trainable parameters."""

@@ -1,4 +1,10 @@
-"""VSATrainer: transformers.Trainer whose optimizer steps go through the VSA phase controller.
+"""VSAMixin: the VSA method for any transformers.Trainer subclass that keeps the Trainer's
+training_step contract; VSATrainer = VSAMixin + Trainer (trl.py: VSASFTTrainer = VSAMixin +
+trl.SFTTrainer). A pair for another trainer:
+
+    class MyVSATrainer(VSAMixin, OtherTrainer): pass
+    @dataclass
+    class MyVSAConfig(VSAArguments, OtherConfig): pass
 
 Only the hooks that need it are overridden; the method itself lives in engine.py,
 controller.py and predictor.py. Clipping, the optimizer and the LR scheduler are the
@@ -16,7 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .card import TAGS, add_vsa_section
 from .checkpoint import load_engine, rank_local, save_engine
-from .config import VSATrainingArguments
+from .config import VSAArguments
 from .controller import Phase
 from .engine import VSAEngine
 
@@ -47,12 +53,14 @@ class _EngineCallback(TrainerCallback):
         self.t0 = None
 
 
-class VSATrainer(Trainer):
+class VSAMixin:
+    """Mix in before a Trainer subclass; its arguments must include VSAArguments."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, VSATrainingArguments):
-            raise TypeError("VSATrainer needs VSATrainingArguments (a TrainingArguments subclass with the vsa_* "
-                            f"fields), got {type(self.args).__name__}")
+        if not isinstance(self.args, VSAArguments):
+            raise TypeError(f"{type(self).__name__} needs arguments with the vsa_* fields (VSATrainingArguments, "
+                            f"VSASFTConfig, or your config mixing in hf_vsa.VSAArguments), got {type(self.args).__name__}")
         if self.args.vsa_enabled and self.args.n_gpu > 1:
             # DataParallel runs the blocks' replicas in threads, which would share DropBP's hook state.
             raise ValueError(
@@ -89,7 +97,7 @@ class VSATrainer(Trainer):
         phase = engine.begin_step(self.state.global_step)
         last = self.accelerator.sync_gradients  # last micro-batch of this optimizer step
         computes = phase.runs_backward or engine.partial
-        if computes and not engine.take_micro(last):
+        if computes and not engine.micro.take(last):
             # Adaptive accumulation: the measured noise scale says this micro-batch adds nothing the
             # step needs: no forward, no backward (the Trainer's running loss gets the last measured
             # one; logs report the measured mean instead, see log()).
@@ -97,9 +105,9 @@ class VSATrainer(Trainer):
             return engine.last_loss
         if phase.runs_backward:
             loss = self._vsa_backprop(model, inputs, num_items_in_batch, last)
-            engine.note_loss(loss, last, engine.loss_factor)
+            engine.note_loss(loss, last, engine.micro.loss_factor)
             if last:
-                scale = engine.rescale_micro(self.current_gradient_accumulation_steps)
+                scale = engine.micro.rescale(engine.params, self.current_gradient_accumulation_steps)
                 engine.after_backward(self._vsa_grad_scale(), scale)
             return loss
         # Partial PREDICT: the forward and a backward that stops early. Whole-step PREDICT
@@ -113,9 +121,9 @@ class VSATrainer(Trainer):
                     loss = self._vsa_backprop(model, inputs, num_items_in_batch, last)
             finally:
                 engine.freeze_predicted(False)
-            engine.note_loss(loss, last, engine.loss_factor)
+            engine.note_loss(loss, last, engine.micro.loss_factor)
             if last:
-                engine.rescale_micro(self.current_gradient_accumulation_steps)
+                engine.micro.rescale(engine.params, self.current_gradient_accumulation_steps)
             if last and self._vsa_world_size() > 1:
                 self._vsa_all_reduce_mean(engine.exact_grads())
         elif self.args.vsa_predict_forward:
@@ -273,3 +281,7 @@ class VSATrainer(Trainer):
                 if os.path.abspath(plot) != os.path.abspath(os.path.join(self.args.output_dir, name)):
                     shutil.copyfile(plot, os.path.join(self.args.output_dir, name))
             add_vsa_section(os.path.join(self.args.output_dir, "README.md"), self.vsa, self.args, name)
+
+
+class VSATrainer(VSAMixin, Trainer):
+    """transformers.Trainer whose optimizer steps go through the VSA phase controller."""

@@ -89,11 +89,11 @@ def describe_predict(trainer, args):
     return how
 
 
-def summary(name, script, trainer, clock, out, metrics, args):
+def summary(name, data_name, trainer, clock, out, metrics, args):
     steps = out.global_step
     vsa = getattr(trainer, "vsa", None)
     print(f"\n== {name} summary ==")
-    print(f"data                   {script.dataset or 'movie_reviews'}: {len(trainer.train_dataset)} training, "
+    print(f"data                   {data_name}: {len(trainer.train_dataset)} training, "
           f"{len(trainer.eval_dataset)} held-out examples")
     print(f"optimizer steps        {steps}")
     if vsa is None:
@@ -104,10 +104,11 @@ def summary(name, script, trainer, clock, out, metrics, args):
         print(f"PREDICT steps          {predicted}" + (f" ({describe_predict(trainer, args)})" if predicted else ""))
         print(f"whole-step PREDICT     {len(vsa.whole_steps)} (no forward, no backward: where measured to pay)")
         if vsa.accum > 1:
-            print(f"micro-batches computed {vsa.micro_computed} of {vsa.micro_seen} (adaptive accumulation)")
+            print(f"micro-batches computed {vsa.micro.computed} of {vsa.micro.seen} (adaptive accumulation)")
     print(f"train wall time        {clock.train_time:.1f} s (optimizer steps only, evaluation excluded)")
     print(f"final eval loss        {metrics['eval_loss']:.4f}")
-    print(f"final eval accuracy    {metrics['eval_accuracy']:.4f}")
+    if "eval_accuracy" in metrics:
+        print(f"final eval accuracy    {metrics['eval_accuracy']:.4f}")
     if vsa is not None:
         stats = vsa.stats()
         print(f"speedup estimate       {stats['vsa/speedup_estimate']:.2f}x per step (this run's mean backprop-step "
@@ -132,7 +133,7 @@ def main(argv=None):
         runs["VSATrainer"] = train_one(script, args, VSATrainer)
     for name, (trainer, clock, out, metrics) in runs.items():
         trainer.save_model()
-        summary(name, script, trainer, clock, out, metrics, trainer.args)
+        summary(name, script.dataset or "movie_reviews", trainer, clock, out, metrics, trainer.args)
     if script.plot:
         png = plot_eval_vs_time({n: r[1].evals for n, r in runs.items()},
                                 os.path.join(args.output_dir, "eval_loss_vs_time.png"))

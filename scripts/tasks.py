@@ -147,3 +147,35 @@ def tiny_model(seed=0):
     cfg = BertConfig(vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=TINY_SEQ, num_labels=2)
     return BertForSequenceClassification(cfg)
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges (GPT-2's byte alphabet: every text encodes, one token
+    a byte) and an end-of-text token, built in code: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def tiny_causal_lm(seed=0, vocab=257, positions=64):
+    """A 2-layer GPT-2 built from a config (a real architecture, random weights), for byte_tokenizer()."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=vocab - 1, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    return GPT2LMHeadModel(cfg)
+
+
+def stdlib_lines(n=256, module="textwrap", min_chars=20):
+    """The first n non-blank lines of at least min_chars characters of a CPython standard library
+    source file: real text on every machine."""
+    import sysconfig
+    path = os.path.join(sysconfig.get_paths()["stdlib"], f"{module}.py")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if len(line.strip()) >= min_chars]
+    return lines[:n]

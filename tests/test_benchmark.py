@@ -4,6 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -91,3 +94,18 @@ def test_step_cost_splits_a_real_trainer_step_and_bounds_any_forward_keeping_spe
     assert bounds == sorted(bounds, reverse=True) and bounds[0] > 1
     assert all(abs(row["ceiling"][k] - ceiling(float(k), row["floor_share"])) < 1e-12 for k in row["ceiling"])
     assert "| gpt2_scratch |" in done.stdout
+
+
+def test_gpu_check_runs_its_dry_mode_without_a_gpu(tmp_path):
+    # CI has no GPU: the prepared check says so and runs the same steps at --quick sizes on the CPU.
+    import os
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the real check is run by hand (scripts/gpu_check.sh)")
+    env = dict(os.environ, PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), str(tmp_path)], capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "no CUDA device: dry run" in done.stdout
+    for name in ("step_cost.json", "sentiment.json", "large_batch_gpt2_scratch.json"):
+        data = json.loads((tmp_path / name).read_text())
+        assert data

@@ -62,8 +62,8 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, straight, at):
     assert r.vsa.predictor.active == t.vsa.predictor.active
     assert r.vsa.phases == t.vsa.phases[at:]
     assert r.vsa.whole_steps == [s for s in t.vsa.whole_steps if s >= at]
-    assert (r.vsa.micro_seen, r.vsa.micro_computed, r.vsa.micro_target) == (
-        t.vsa.micro_seen, t.vsa.micro_computed, t.vsa.micro_target)
+    assert (r.vsa.micro.seen, r.vsa.micro.computed, r.vsa.micro.target) == (
+        t.vsa.micro.seen, t.vsa.micro.computed, t.vsa.micro.target)
     assert r.vsa.controller.counts == t.vsa.controller.counts  # statistics cover the whole run
     assert losses(r, at) == losses(t, at)
     for (n, x), (_, y) in zip(model.state_dict().items(), resumed_model.state_dict().items()):

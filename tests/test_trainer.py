@@ -694,7 +694,7 @@ def test_measured_noise_decides_whole_step_predict_and_the_micro_batches_each_st
 
     class Grab(TrainerCallback):
         def on_step_end(self, *a, **kw):
-            run.append((t.vsa.phase, t.vsa.micro_run, t.vsa.whole))
+            run.append((t.vsa.phase, t.vsa.micro.run, t.vsa.whole))
 
     # One label for every example: a gradient with a strong mean, so the measurements have
     # something to find (the noise scale is a fraction of the batch; predictions follow it).

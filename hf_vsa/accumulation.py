@@ -1,0 +1,53 @@
+"""Adaptive accumulation: the micro-batches each optimizer step computes, from the measured noise scale.
+
+With gradient_accumulation_steps = K > 1, a step runs the forward and backward of only its last m
+micro-batches (the last one always, so that DDP synchronises as usual) and rescales their sum by
+K / m, m chosen by noise.micro_batches_needed. Host integers only; no tensor is read.
+"""
+import torch
+
+from .noise import micro_batches_needed
+
+
+class AdaptiveAccumulation:
+    def __init__(self, accum, world, batch, tolerance, enabled=True):
+        self.accum, self.world, self.batch, self.tolerance = accum, world, batch, tolerance
+        self.enabled = enabled and accum > 1
+        self.target = accum  # micro-batches each step computes from now on
+        self.index = self.run = 0  # this step: micro-batches seen, and computed
+        self.seen = self.computed = 0  # the run's totals, over steps that computed any
+
+    def new_step(self):
+        self.index = self.run = 0
+
+    def decide(self, noise_scale: float):
+        """`noise_scale`: B_noise in examples (NaN: not measured, keeps all K)."""
+        if self.enabled:
+            noise = noise_scale / (self.batch * self.world)  # in micro-batches over all ranks
+            fewest = 2 if self.world == 1 else 1  # two gradients a step keep the noise scale measured
+            self.target = micro_batches_needed(noise, self.accum, fewest, self.tolerance)
+
+    def take(self, last: bool) -> bool:
+        """Whether this micro-batch runs its forward and backward."""
+        i = self.index
+        self.index += 1
+        run = last or i >= self.accum - self.target
+        self.run += run
+        self.seen += 1
+        self.computed += run
+        return run
+
+    @property
+    def loss_factor(self) -> float:
+        """A computed micro-batch's loss (scaled 1/K by the Trainer) times this is its share of the step's mean."""
+        return self.accum / self.target if self.target < self.accum else 1.0
+
+    def rescale(self, params, k_step: int) -> float:
+        """After the last computed micro-batch: the accumulated gradients, a sum over `run` of the step's
+        k_step micro-batches, rescaled to their mean's scale (k_step / run). Returns the factor."""
+        factor = k_step / max(self.run, 1)
+        if factor != 1.0:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, factor)
+        return factor
