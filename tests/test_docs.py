@@ -34,4 +34,6 @@ def test_regime_table_numbers_come_from_the_results_files(tmp_path):
     table = docs.regime_table()
     text = (ROOT / "README.md").read_text()
     assert table in text
-    assert table.count("\n") == 1 + 1 + len(docs.REGIMES) * len(docs.TASKS)
+    for regime, _ in docs.REGIMES:
+        for task in docs.TASKS:
+            assert f"| {regime} | {task}" in table

@@ -53,7 +53,7 @@ def test_the_swap_trains_with_predict_steps_that_skip_the_lowest_blocks_backward
     _, t = sft(tmp_path, model=model, callbacks=[low])
     t.train()
     phases = t.vsa.phases
-    assert "PREDICT" in phases and t.vsa.blocks == list(model.transformer.h)
+    assert "PREDICT" in phases and model.transformer.h[0] in t.vsa.blocks  # (the top block holds exact tensors)
     predict = [low.per_step[k] for k, p in enumerate(phases) if p == "PREDICT"]
     assert 0 in predict  # DropBP or whole-step PREDICT: the lowest block ran no backward
     assert all(n == 1 for n, p in zip(low.per_step, phases) if p != "PREDICT")
