@@ -319,8 +319,10 @@ class VSAArguments:
             raise ValueError("deepspeed is not supported by VSATrainer (it owns the gradients and the step); "
                              "supported: single process and DDP. Set vsa_enabled=False to use DeepSpeed.")
         if self.fsdp:
-            raise ValueError("fsdp is not supported by VSATrainer yet; supported: single process and DDP "
-                             "(accelerate launch --multi_gpu). Set vsa_enabled=False to use FSDP.")
+            raise ValueError("fsdp is not supported by VSATrainer yet: hf_vsa's history, gate and noise state are "
+                             "kept per whole tensor, and its partial backward freezes tensors, which FSDP's sharded "
+                             "parameters and reduce-scatter do not allow as DDP does; supported: single process and "
+                             "DDP (accelerate launch --multi_gpu). Set vsa_enabled=False to use FSDP.")
 
 
 @dataclass
