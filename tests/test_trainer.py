@@ -6,7 +6,7 @@ import torch
 from accelerate.utils import AutocastKwargs
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from conftest import make_dataset, make_model
+from conftest import BackwardCounter, make_dataset, make_model
 from hf_vsa import Phase, PhaseController, VSATrainer, VSATrainingArguments
 from hf_vsa.blocks import drop_probabilities
 
@@ -21,18 +21,6 @@ def args(tmp_path, **kw):
                 logging_steps=5, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
     base.update(kw)
     return VSATrainingArguments(**base)
-
-
-class BackwardCounter(TrainerCallback):
-    """Counts real backward passes with autograd hooks, per optimizer step."""
-
-    def __init__(self, param):
-        self.calls, self.per_step = 0, []
-        param.register_post_accumulate_grad_hook(lambda p: setattr(self, "calls", self.calls + 1))
-
-    def on_step_end(self, args, state, control, **kw):
-        self.per_step.append(self.calls)
-        self.calls = 0
 
 
 def expected_phases(n, **sched):

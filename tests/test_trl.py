@@ -2,9 +2,9 @@
 import pytest
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
 
 trl = pytest.importorskip("trl")
+from conftest import BackwardCounter  # noqa: E402
 from tasks import byte_tokenizer, stdlib_lines, tiny_causal_lm  # noqa: E402
 
 from hf_vsa import Phase, VSASFTConfig, VSASFTTrainer  # noqa: E402
@@ -28,16 +28,6 @@ def config(tmp_path, **kw):
                 max_length=48, bf16=False, **SCHEDULE)
     base.update(kw)
     return VSASFTConfig(**base)
-
-
-class BackwardCounter(TrainerCallback):
-    def __init__(self, param):
-        self.calls, self.per_step = 0, []
-        param.register_post_accumulate_grad_hook(lambda p: setattr(self, "calls", self.calls + 1))
-
-    def on_step_end(self, *a, **kw):
-        self.per_step.append(self.calls)
-        self.calls = 0
 
 
 def sft(tmp_path, data=None, cls=VSASFTTrainer, callbacks=(), model=None, **kw):
