@@ -6,9 +6,10 @@ whose value is `out` bit for bit and whose gradient with respect to the block's 
 identity: the residual path. Autograd then never enters the block: its tensors get no gradient,
 no activation of it is kept for backward, and the blocks below still get theirs.
 
-How often a block is skipped can follow what its gradient is: Consistency measures, per block, the
-cosine between its gradients at consecutive backprop steps, and drop_probabilities turns it into a
-drop probability that falls as the gradient carries more signal.
+How often a block is skipped follows what its gradient is: Consistency measures, per block, the
+cosine between its gradients at consecutive backprop steps (or noise.py the mean's share, where a
+step has several micro-batches), and drop_probabilities skips only the blocks whose gradient carries
+less signal per unit of backward cost than the step's, more often the noisier they are.
 """
 import torch
 from torch import nn
@@ -84,14 +85,31 @@ class BlockSkip:
 SAMPLE = 1024
 
 
-def drop_probabilities(consistency, base: float):
-    """Per block, `base` scaled by the noise share of its update: base * (1 - sqrt(c)), c the block's
-    lag-1 gradient cosine clamped to [0, 1]. If minibatch gradients are a slowly moving mean plus
-    independent noise, c ~ |mean|^2 / |g|^2 and sqrt(c) is the cosine between the mean and one
-    minibatch gradient: the share of an update that is signal. Under Adam every update has about the
-    same size, so skipping a noisy block's update loses little progress and skipping a consistent
-    block's update loses it all."""
-    return base * (1.0 - consistency.clamp(0.0, 1.0).sqrt())
+# Per parameter and token a forward costs about 2 FLOPs and a backward about 4 (Kaplan et al. 2020,
+# "Scaling Laws for Neural Language Models", C = 6N): skipping a block's backward saves 2/3 of what
+# the block costs a step, and a step's cost is shared by its tensors in proportion to their size.
+BACKWARD_SHARE = 2.0 / 3.0
+
+
+def drop_probabilities(kappa, base: float, sizes):
+    """Per droppable block, the probability its backward is skipped on a partial PREDICT step.
+
+    `kappa`: per group the measured mean share of its gradient (noise.py; or the lag-1 gradient
+    cosine, whose expectation it is), the droppable blocks first, then the group of tensors every
+    partial step computes; `sizes`: their numbers of elements. a = sqrt(kappa), clamped to [0, 1], is
+    the cosine between the mean gradient and one minibatch gradient: the share of an update that is
+    signal. Under Adam each parameter moves about as far every step, so a group's progress in a step
+    is about size * a, and skipping block k's backward loses size_k * a_k of it while saving
+    BACKWARD_SHARE * size_k of the step's cost. That raises the progress per unit of cost only where
+    a_k < BACKWARD_SHARE * (the size-weighted mean of a over all groups): such a block is skipped
+    with probability base * (1 - a_k) (noisier blocks more often), any other never. Where every
+    group's gradient carries about the same signal, no block is skipped and a partial step would
+    cost more progress than time: the engine then runs the step's full backward instead."""
+    a = kappa.double().clamp(0.0, 1.0).sqrt()
+    sizes = torch.as_tensor(sizes, dtype=a.dtype, device=a.device)
+    mean = (a * sizes).sum() / sizes.sum().clamp_min(1.0)
+    blocks = a[:-1]
+    return torch.where(blocks < BACKWARD_SHARE * mean, base * (1.0 - blocks), torch.zeros_like(blocks))
 
 
 class Consistency:
@@ -166,7 +184,8 @@ class Consistency:
             mine, theirs = getattr(self, key), state[key]
             if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
                 raise ValueError(f"{key} is {tuple(theirs.shape)} {theirs.dtype}, the model's {len(self.groups)} "
-                                 f"droppable blocks need {tuple(mine.shape)} {mine.dtype}")
+                                 f"measured groups (droppable blocks, and the tensors computed every step) need "
+                                 f"{tuple(mine.shape)} {mine.dtype}")
             setattr(self, key, theirs.to(mine.device))
         for key in ("prev_step", "measured"):
             if not isinstance(state[key], int):

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .controller import Phase
+from .controller import WORTH_WINDOW, Phase
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +21,9 @@ STATE_FILE = "vsa_state.safetensors"
 # the first record, and the peak state ratio; 5: the residual stored in 4 bits, not ternary; 6: the
 # predictor may hold a probe's samples, not whole tensors; 7: the probe's sample, drawn from the first gradient;
 # 8: the blocks' gradient consistency and drop probabilities; 9: every trainable tensor tracked (the
-# exact ones too, for whole-step PREDICT), the AR fit's settings, the noise scale and the whole-step decision).
-STATE_VERSION = 9
+# exact ones too, for whole-step PREDICT), the AR fit's settings, the noise scale and the whole-step decision;
+# 10: the exact tensors' consistency after the blocks', and the admitted predictions' recent worth).
+STATE_VERSION = 10
 # Settings whose change makes saved state meaningless.
 STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum", "vsa_compression",
                   "vsa_history_window", "vsa_compression_block", "vsa_ternary_rounding", "vsa_bundle_size",
@@ -81,6 +82,7 @@ def engine_state(engine, rows=None):
     for name in _MICRO_HOST:
         meta[f"micro/{name}"] = getattr(engine.micro, name)
     meta["engine/drop"] = list(engine.drop)
+    meta["engine/worth"] = list(engine.worth)
     for name in _ENGINE_INTS:
         meta[f"engine/{name}"] = getattr(engine, name)
     meta["engine/closed"] = list(engine.closed)
@@ -218,6 +220,11 @@ def load_engine(engine, directory, rank=0, world=1):
         raise ValueError(f"{path}: engine/drop must list one probability in [0, 1] per droppable block "
                          f"({len(engine.blocks)}), got {str(drop)[:80]}")
     engine.drop = [float(d) for d in drop]
+    worth = meta.get("engine/worth")
+    if (not isinstance(worth, list) or len(worth) > WORTH_WINDOW
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in worth)):
+        raise ValueError(f"{path}: engine/worth must list at most {WORTH_WINDOW} numbers, got {str(worth)[:80]}")
+    engine.worth = [float(w) for w in worth]
     rows = tensors["engine/rank_local"]
     sizes = [getattr(engine, k).numel() for k in RANK_LOCAL]
     if rows.ndim != 2 or rows.shape[1] != sum(sizes):

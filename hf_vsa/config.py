@@ -128,9 +128,10 @@ class VSAArguments:
                           "all-reduce where it is measured to pay: a predicted step is worth v = e * c / kappa of "
                           "a backward (e: the gradient energy share of the tensors the gate admits, c: their "
                           "cosine with the actual gradient at CORRECT steps, kappa = 1 / (1 + B_noise / B): the "
-                          "mean's share of a minibatch gradient, from the measured noise scale), and v must keep "
-                          "the extra optimizer steps within vsa_tolerance. Elsewhere PREDICT steps run the "
-                          "partial backward. False: never."},
+                          "mean's share of a minibatch gradient, from the measured noise scale), and a lower "
+                          "confidence bound of v over the last 8 CORRECT steps (their mean less two standard "
+                          "errors, at least two of them) must keep the extra optimizer steps within "
+                          "vsa_tolerance. Elsewhere PREDICT steps run the partial backward. False: never."},
     )
     vsa_momentum: float = field(
         default=0.9, metadata={"help": "EMA coefficient of the 'momentum' predictor, in [0, 1)."}
@@ -161,13 +162,16 @@ class VSAArguments:
     )
     vsa_adaptive_block_drop: bool = field(
         default=True,
-        metadata={"help": "Scale vsa_block_drop per block by the noise share of its gradient, measured during "
-                          "training: block k is skipped with probability vsa_block_drop * (1 - sqrt(c_k)), c_k the "
-                          "running mean cosine between its gradients at consecutive backprop steps (WARMUP, FULL), "
-                          "clamped to [0, 1]; refreshed at the start of each PREDICT block. Blocks whose "
-                          "gradient repeats from step to step are then rarely skipped, blocks whose gradient is "
-                          "mostly noise about as often as vsa_block_drop says. Off: every block is skipped with "
-                          "probability vsa_block_drop."},
+        metadata={"help": "Skip only the blocks whose measured gradient signal per unit of backward cost is "
+                          "below the step's, more often the noisier: a_k = sqrt(kappa_k), kappa_k the mean's share "
+                          "of block k's gradient (from the noise scale with several micro-batches per step, else "
+                          "the running lag-1 gradient cosine at consecutive backprop steps), and block k is "
+                          "skipped with probability vsa_block_drop * (1 - a_k) where a_k < 2/3 of the "
+                          "size-weighted mean of a over the blocks and the exact tensors (a backward is 2/3 of a "
+                          "step's FLOPs), never elsewhere; refreshed at the start of each PREDICT block. Where no "
+                          "block is skipped and whole-step PREDICT does not pay, the PREDICT steps run full "
+                          "backprop (logged as vsa/backed_off), so a partial backward never costs progress it "
+                          "does not save in time. Off: every block is skipped with probability vsa_block_drop."},
     )
     vsa_min_cosine: float = field(
         default=0.2,

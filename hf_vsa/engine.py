@@ -11,7 +11,7 @@ import torch
 
 from .blocks import BlockSkip, Consistency, drop_probabilities, find_blocks
 from .compress import TernaryAccumulator, mix_seed
-from .controller import Phase, PhaseController, whole_step_pays
+from .controller import WORTH_WINDOW, Phase, PhaseController, whole_step_pays
 from .accumulation import AdaptiveAccumulation
 from .noise import NoiseScale
 from .predictor import GradientPredictor
@@ -48,10 +48,13 @@ class VSAEngine:
                     owned.append([index[id(q)] for q in mine])
         self.block_tensors = owned
         self.block_skip = BlockSkip(self.blocks) if self.blocks else None
-        # Each block's lag-1 gradient cosine, measured at consecutive backprop steps (always, so a
-        # checkpoint holds it whatever vsa_adaptive_block_drop says), and the per-block drop
-        # probabilities drawn against, a host list refreshed once per cycle.
-        self.consistency = Consistency([[self.params[i] for i in t] for t in owned], self.params[0].device,
+        # Each block's lag-1 gradient cosine, and that of the exact tensors (which every partial step
+        # computes), measured at consecutive backprop steps (always, so a checkpoint holds it whatever
+        # vsa_adaptive_block_drop says), and the per-block drop probabilities drawn against, a host list
+        # refreshed once per cycle.
+        self.groups = owned + [sorted(self.exact)] if owned else []
+        self.group_sizes = [sum(self.params[i].numel() for i in g) for g in self.groups]
+        self.consistency = Consistency([[self.params[i] for i in g] for g in self.groups], self.params[0].device,
                                        args.vsa_seed)
         self.drop = [args.vsa_block_drop] * len(self.blocks)
         self.computed = set()  # this PREDICT step: predicted tensors that get an exact gradient instead
@@ -103,6 +106,7 @@ class VSAEngine:
                                 dev, args.vsa_seed)
         self.whole = False  # PREDICT steps of this stretch run no forward and no backward at all
         self.admitted_cosine, self.admitted_energy = nan, 0.0  # at the last CORRECT step (host floats)
+        self.worth = []  # energy * cosine of the admitted predictions at the last WORTH_WINDOW CORRECT steps
         self.kappa = nan  # the mean's share of the gradient at the last decision (host float)
         self.noise_estimate = (nan, nan, nan)  # (kappa, noise scale, batch over it) at the last refresh_noise
         self.forwards_skipped = 0  # steps with no forward since the last log (host int)
@@ -149,13 +153,18 @@ class VSAEngine:
             self.micro.new_step()
             self.computed = set()
             self.phase = self.controller.next_phase(self._take_cycle_loss)
-            self.phases.append(self.phase.name)
-            self.noise.listening = self.phase.runs_backward
             if self.phase is Phase.PREDICT and self.controller.at_block_start:
                 self.refresh_drop()
                 self.decide_whole()
             elif self.phase is Phase.FULL and self.controller.at_block_start:
                 self.refresh_noise()
+            if self.phase is Phase.PREDICT and self.backed_off:
+                # Neither a whole-step nor a partial PREDICT step pays, as measured: a backprop step,
+                # recorded like a FULL one; the block's CORRECT steps go on measuring the predictions.
+                self.phase = Phase.FULL
+                self.controller.ran_as(Phase.FULL)
+            self.phases.append(self.phase.name)
+            self.noise.listening = self.phase.runs_backward
             if self.phase is Phase.PREDICT and self.whole:
                 self.whole_steps.append(global_step)
             # The probe ends at the first FULL block after a CORRECT step has measured it, so the full
@@ -200,17 +209,17 @@ class VSAEngine:
         if not (self.blocks and self.args.vsa_adaptive_block_drop):
             self.drop = [base] * len(self.blocks)
             return
-        # The noise share of each block's gradient: from the micro-batch gradients' noise scale where a
-        # step has two or more (it tells noise from a deterministic oscillation, which also makes the
-        # lag-1 cosine low), else from the lag-1 cosine.
-        share = self.noise.group_share(self.block_tensors, self.reduce_mean)
+        # The mean's share of each block's gradient (and of the exact tensors'): from the micro-batch
+        # gradients' noise scale where a step has two or more (it tells noise from a deterministic
+        # oscillation, which also makes the lag-1 cosine low), else from the lag-1 cosine.
+        share = self.noise.group_share(self.groups, self.reduce_mean)
         if share is None:
             if not self.consistency.measured:
                 self.drop = [base] * len(self.blocks)
                 return
             share = self.reduce_mean(self.consistency.mean)
         # host sync: once per cycle; averaged over processes so that every rank skips the same blocks
-        self.drop = drop_probabilities(share, base).tolist()
+        self.drop = drop_probabilities(share, base, self.group_sizes).tolist()
 
     def after_backward(self, grad_scale=None, micro_scale=1.0):
         """Last micro-batch of a backprop step: record the accumulated, synchronised gradient
@@ -266,6 +275,10 @@ class VSAEngine:
         d, a, p = (sum(x[i] for i in adm) for x in (dots, a2, p2))
         self.admitted_cosine = d / math.sqrt(a * p) if a > 0 and p > 0 else math.nan
         self.admitted_energy = a / total if total > 0 else 0.0
+        # (nothing admitted: worth 0, a measurement too)
+        worth = self.admitted_energy * self.admitted_cosine if adm else 0.0
+        if worth == worth:
+            self.worth = (self.worth + [worth])[-WORTH_WINDOW:]
 
     def refresh_noise(self, decide=True):
         """The noise estimate (kappa, noise scale, batch over it) into host values; with `decide`, also
@@ -279,13 +292,14 @@ class VSAEngine:
 
     def decide_whole(self):
         """Whole-step PREDICT for the steps that follow, or the partial backward: from measurements
-        only (controller.whole_step_pays): the admitted predictions are worth enough of a backward
-        that the predicted steps cost at most vsa_tolerance more optimizer steps.
+        only (controller.whole_step_pays): the admitted predictions are worth enough of a backward, by a
+        lower confidence bound over the recent CORRECT steps, that the predicted steps cost at most
+        vsa_tolerance more optimizer steps.
         Host sync (the noise estimate): at the start of a PREDICT block and at CORRECT steps."""
         self.refresh_noise()
         self.whole = bool(self.args.vsa_whole_step and self.probe is None and self.corrections
-                          and whole_step_pays(self.admitted_cosine, self.admitted_energy, self.kappa,
-                                              self.controller.predict_share, self.args.vsa_tolerance))
+                          and whole_step_pays(self.worth, self.kappa, self.controller.predict_share,
+                                              self.args.vsa_tolerance))
 
     def _drop_sparse(self, grads):
         """Before the first record: tensors whose gradient is mostly exact zeros (embedding rows of
@@ -366,9 +380,17 @@ class VSAEngine:
     noise_trace = property(lambda self: self.noise.trace, lambda self, v: setattr(self.noise, "trace", v))
 
     @property
+    def backed_off(self) -> bool:
+        """This PREDICT stretch runs backprop steps: not whole-step, and the measured drop
+        probabilities (vsa_adaptive_block_drop) skip no block, so a partial step would cost the
+        predicted tensors' updates and save no backward."""
+        return (bool(self.blocks) and self.args.vsa_adaptive_block_drop and not self.whole
+                and max(self.drop) == 0)
+
+    @property
     def partial(self) -> bool:
-        """This PREDICT stretch runs the partial backward (configured, and not decided whole-step)."""
-        return bool(self.exact) and not self.whole
+        """This PREDICT stretch runs the partial backward (configured, not decided whole-step, not backed off)."""
+        return bool(self.exact) and not self.whole and not self.backed_off
 
     def freeze_predicted(self, frozen: bool):
         """Partial backward. Without droppable blocks, the predicted tensors are frozen and autograd

@@ -23,7 +23,8 @@ def engine_stats(engine) -> dict:
     out["vsa/tracked_tensor_fraction"] = len(engine.predictor.active) / len(engine.params)
     if engine.blocks:
         out["vsa/block_drop_mean"] = sum(engine.drop) / len(engine.drop)
-        out["vsa/block_consistency_mean"] = engine.consistency.mean.mean().item()  # host sync: logging steps only
+        out["vsa/block_consistency_mean"] = engine.consistency.mean[:-1].mean().item()  # host sync: logging steps only
+        out["vsa/backed_off"] = float(engine.backed_off)
     kappa, b_noise, ratio = engine.noise_estimate  # (no collective here: rank 0 alone calls this for the card)
     out["vsa/noise_scale"], out["vsa/batch_over_noise_scale"], out["vsa/mean_share"] = b_noise, ratio, kappa
     out["vsa/whole_step"] = float(engine.whole)

@@ -167,7 +167,7 @@ def run_one(name, overrides, a):
             "examples_per_step": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps,
             # per block, at the end: the drop probabilities in use and the measured lag-1 gradient cosines
             "block_drop": list(trainer.vsa.drop) if cls is VSATrainer else None,
-            "block_consistency": trainer.vsa.consistency.mean.tolist() if cls is VSATrainer else None,  # host sync: once
+            "block_consistency": trainer.vsa.consistency.mean[:-1].tolist() if cls is VSATrainer else None,  # host sync: once
             "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
 
 

@@ -64,10 +64,19 @@ def test_skipping_needs_a_block_whose_output_is_shaped_like_its_input():
     assert torch.is_grad_enabled()
 
 
-def test_drop_probability_falls_with_the_signal_share_of_the_gradient():
-    c = torch.tensor([-0.3, 0.0, 0.25, 1.0, 1.2], dtype=torch.float64)
-    # base * (1 - sqrt(c)), c clamped to [0, 1]: noise-only gradients keep the configured rate
-    assert drop_probabilities(c, 0.5).tolist() == pytest.approx([0.5, 0.5, 0.25, 0.0, 0.0])
+def test_only_blocks_with_less_signal_per_cost_than_the_step_are_dropped_noisier_ones_more_often():
+    # kappa per group (blocks, then the always-computed tensors); a = sqrt(kappa); block k is dropped
+    # with probability base * (1 - a_k) where a_k < 2/3 * (the size-weighted mean of a), never elsewhere.
+    k = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    assert drop_probabilities(k(0.04, 0.81, 0.64), 0.5, [10, 10, 10]).tolist() == pytest.approx([0.4, 0.0])
+    # the same signal everywhere: a skipped backward saves 2/3 of a block's cost and loses all its progress
+    assert drop_probabilities(k(0.25, 0.25, 0.25), 0.5, [10, 10, 10]).tolist() == [0.0, 0.0]
+    # the sizes weigh the mean: noisy blocks beside a large clean group are dropped; beside a small
+    # one, only the block well below its noisy peer
+    assert drop_probabilities(k(0.04, 0.01, 0.81), 0.5, [1, 1, 100]).tolist() == pytest.approx([0.4, 0.45])
+    assert drop_probabilities(k(0.04, 0.01, 0.81), 0.5, [100, 100, 1]).tolist() == pytest.approx([0.0, 0.45])
+    # kappa outside [0, 1] (noisy estimates) is clamped: a negative lag-1 cosine is pure noise
+    assert drop_probabilities(k(-0.3, 1.2, 1.0), 0.5, [1, 1, 1]).tolist() == pytest.approx([0.5, 0.0])
 
 
 def lin(n):

@@ -103,18 +103,27 @@ def test_records_before_read_counts_the_backprop_steps_left_before_a_predict_blo
 
 
 def test_whole_step_pays_only_where_measured_worth_enough_of_a_backward():
-    from hf_vsa.controller import whole_step_pays
+    from hf_vsa.controller import lower_bound, whole_step_pays
     nan, p, tol = float("nan"), 0.68, 0.05  # the default schedule predicts 17 of 25 steps
     need = 1 - tol / ((1 + tol) * p)  # the worth of a predicted step that costs tol more steps
-    assert whole_step_pays(0.45, 0.9, 0.32, p, tol)  # sentiment at batch 256: AR above the mean's share
-    assert not whole_step_pays(0.2, 0.9, 0.99, p, tol)  # nearly deterministic gradients: a backward is better
+    steady = [0.9 * 0.45] * 3  # sentiment at batch 256: AR above the mean's share, at 3 CORRECT steps alike
+    assert whole_step_pays(steady, 0.32, p, tol)
+    assert not whole_step_pays([0.9 * 0.2] * 3, 0.99, p, tol)  # nearly deterministic gradients: a backward is better
     kappa = 0.9
-    assert whole_step_pays(need * kappa + 1e-9, 1.0, kappa, p, tol)  # just enough...
-    assert not whole_step_pays(need * kappa - 1e-9, 1.0, kappa, p, tol)  # ...and not quite
-    assert not whole_step_pays(0.5, 0.4, 0.32, p, tol)  # the gate admits too little of the gradient's energy
-    assert not whole_step_pays(0.45, 0.9, 0.0, p, tol)  # no mean measured at all
-    assert not whole_step_pays(0.45, 0.9, 0.3, 0.0, tol)  # nothing is predicted
-    assert not whole_step_pays(nan, 0.9, 0.3, p, tol) and not whole_step_pays(0.5, 0.9, nan, p, tol)
+    assert whole_step_pays([need * kappa + 1e-9] * 2, kappa, p, tol)  # just enough...
+    assert not whole_step_pays([need * kappa - 1e-9] * 2, kappa, p, tol)  # ...and not quite
+    assert not whole_step_pays([0.4 * 0.5] * 3, 0.32, p, tol)  # the gate admits too little of the gradient's energy
+    assert not whole_step_pays(steady, 0.0, p, tol)  # no mean measured at all
+    assert not whole_step_pays(steady, 0.3, 0.0, tol)  # nothing is predicted
+    assert not whole_step_pays(steady, nan, p, tol)
+    assert not whole_step_pays([0.45], 0.32, p, tol)  # one measurement: no spread known, no decision
+    # Small batch: single CORRECT steps scatter around zero; one lucky one must not open whole steps,
+    # though the mean of the good ones alone would pass.
+    scattered = [0.30, -0.20, 0.25, -0.15]
+    assert lower_bound(scattered) < 0 and not whole_step_pays(scattered, 0.1, p, tol)
+    assert whole_step_pays([0.30, 0.25, 0.28], 0.1, p, tol)  # consistently good measurements do
+    assert lower_bound([1.0, 2.0, 3.0]) == pytest.approx(2.0 - 2.0 * (1.0 / 3) ** 0.5)
+    assert whole_step_pays([nan, *steady], 0.32, p, tol)  # unmeasured entries are left out
     # the steps the predicted share costs stay within the tolerance at the boundary
     v = need
     assert 1 / (1 - p * (1 - v)) <= 1 + tol + 1e-12

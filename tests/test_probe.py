@@ -7,8 +7,10 @@ from conftest import make_dataset, make_model
 from hf_vsa import GradientPredictor, Phase, VSATrainer, VSATrainingArguments
 from hf_vsa.probe import MIN_BLOCKS, Probe, inclusion_probabilities, systematic_sample
 
+# (DropBP at its configured rate: the tiny model's blocks carry alike signal, so the measured rate
+# would back PREDICT steps off to backprop; tests of that pass vsa_adaptive_block_drop=True)
 SCHEDULE = dict(vsa_warmup_steps=3, vsa_history_window=3, vsa_full_steps=2, vsa_predict_steps=6,
-                vsa_correct_every=3, vsa_adaptive_phases=False)
+                vsa_correct_every=3, vsa_adaptive_phases=False, vsa_adaptive_block_drop=False)
 # Blocks of 4 elements: the tiny model's 32x32 matrices have 256 blocks, so the probe samples them.
 SAMPLED = dict(SCHEDULE, vsa_compression_block=4)
 
@@ -151,7 +153,7 @@ def test_full_histories_start_at_the_first_full_block_after_a_measurement(tmp_pa
     # here, so what the probe changes is only what is tracked, and when predictions start.
     # (A fixed DropBP rate: the adaptive one skips few blocks of this tiny model, and only skipped blocks
     # take predictions.)
-    t, rows = run(tmp_path, vsa_min_cosine=-0.99, vsa_retire_after=0, vsa_adaptive_block_drop=False, **SAMPLED)
+    t, rows = run(tmp_path, vsa_min_cosine=-0.99, vsa_retire_after=0, **SAMPLED)
     e = t.vsa
     first_correct = next(k for k, r in enumerate(rows) if r["phase"] is Phase.CORRECT)
     switch = next(k for k, r in enumerate(rows) if not r["probing"])
