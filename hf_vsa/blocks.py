@@ -192,3 +192,66 @@ class Consistency:
                 raise ValueError(f"{key} must be an int, got {state[key]!r}")
             setattr(self, key, state[key])
         return True
+
+
+class BlockDrop:
+    """DropBP for one model on partial PREDICT steps: the droppable blocks (those whose trainable
+    tensors are all predicted, below the `exact` ones), their measured consistency, the drop
+    probabilities (a host list, refreshed once per PREDICT block) and each step's draw.
+
+    `params`: the engine's trainable tensors, in order; `exact`: the indices of those every partial
+    step computes. vsa_block_drop = 1 (every predicted tensor frozen) has no droppable block."""
+
+    def __init__(self, model, params, exact, base, adaptive, seed):
+        self.base, self.adaptive, self.seed = base, adaptive, seed
+        index = {id(p): i for i, p in enumerate(params)}
+        n_predicted = min(exact) if exact else len(params)
+        self.blocks, owned = [], []  # droppable blocks; per block, the indices of its tensors
+        if exact and base < 1.0:
+            for b in find_blocks(model):
+                mine = [q for q in b.parameters() if q.requires_grad]
+                if mine and all(index.get(id(q), n_predicted) < n_predicted for q in mine):
+                    self.blocks.append(b)
+                    owned.append([index[id(q)] for q in mine])
+        self.block_tensors = owned
+        self.skip = BlockSkip(self.blocks) if self.blocks else None
+        # Each block's lag-1 gradient cosine, and that of the exact tensors, measured at consecutive
+        # backprop steps (always, so a checkpoint holds it whatever vsa_adaptive_block_drop says).
+        self.groups = owned + [sorted(exact)] if owned else []
+        self.group_sizes = [sum(params[i].numel() for i in g) for g in self.groups]
+        self.consistency = Consistency([[params[i] for i in g] for g in self.groups], params[0].device, seed)
+        self.drop = [base] * len(self.blocks)
+
+    def remove(self):
+        if self.skip is not None:
+            self.skip.remove()
+
+    def refresh(self, noise, reduce_mean):
+        """The drop probabilities for the PREDICT block that starts: drop_probabilities of each group's
+        mean share where vsa_adaptive_block_drop is on and something is measured, else vsa_block_drop.
+        The mean's share comes from the micro-batch gradients' noise scale (`noise`) where a step has
+        two or more (it tells noise from a deterministic oscillation, which also makes the lag-1 cosine
+        low), else from the lag-1 cosine. Host sync, once per cycle; averaged over processes
+        (`reduce_mean`) so that every rank skips the same blocks."""
+        self.drop = [self.base] * len(self.blocks)
+        if not (self.blocks and self.adaptive):
+            return
+        share = noise.group_share(self.groups, reduce_mean)
+        if share is None:
+            if not self.consistency.measured:
+                return
+            share = reduce_mean(self.consistency.mean)
+        self.drop = drop_probabilities(share, self.base, self.group_sizes).tolist()
+
+    @property
+    def skips_none(self) -> bool:
+        """The measured probabilities skip no block: a partial step would save no backward."""
+        return bool(self.blocks) and self.adaptive and max(self.drop) == 0
+
+    def draw(self, step) -> set:
+        """The tensors of the blocks skipped at optimizer step `step` (block k with probability drop[k],
+        drawn from (seed, step): the same on every rank, micro-batch and resume); arms the skip hooks."""
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, 3, step))
+        u = torch.rand(len(self.blocks), generator=gen).tolist()  # host tensor: no device sync
+        self.skip.skipped = {k for k in range(len(self.blocks)) if u[k] < self.drop[k]}
+        return {i for k in self.skip.skipped for i in self.block_tensors[k]}

@@ -131,7 +131,9 @@ class VSAArguments:
                           "mean's share of a minibatch gradient, from the measured noise scale), and a lower "
                           "confidence bound of v over the last 8 CORRECT steps (their mean less two standard "
                           "errors, at least two of them) must keep the extra optimizer steps within "
-                          "vsa_tolerance. Elsewhere PREDICT steps run the partial backward. False: never."},
+                          "vsa_tolerance. Only where a step has two or more micro-batch gradients (gradient "
+                          "accumulation, or several processes), which measure kappa without bias; with one, "
+                          "PREDICT steps run the partial backward or back off. False: never."},
     )
     vsa_momentum: float = field(
         default=0.9, metadata={"help": "EMA coefficient of the 'momentum' predictor, in [0, 1)."}

@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from .blocks import BlockSkip, Consistency, drop_probabilities, find_blocks
-from .compress import TernaryAccumulator, mix_seed
+from .blocks import BlockDrop
+from .compress import TernaryAccumulator
 from .controller import WORTH_WINDOW, Phase, PhaseController, whole_step_pays
 from .accumulation import AdaptiveAccumulation
 from .noise import NoiseScale
@@ -36,27 +36,9 @@ class VSAEngine:
         self.exact = set(range(self.n_predicted, len(named)))
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        # DropBP on partial PREDICT steps: the blocks whose trainable tensors are all predicted
-        # (below the exact ones) skip their backward at random; the others' tensors are computed.
-        index = {id(p): i for i, p in enumerate(self.params)}
-        self.blocks, owned = [], []  # droppable blocks; per block, the indices of its tensors
-        if exact and args.vsa_block_drop < 1.0:  # 1: no block computed, all frozen, as with no blocks
-            for b in find_blocks(model):
-                mine = [q for q in b.parameters() if q.requires_grad]
-                if mine and all(index.get(id(q), self.n_predicted) < self.n_predicted for q in mine):
-                    self.blocks.append(b)
-                    owned.append([index[id(q)] for q in mine])
-        self.block_tensors = owned
-        self.block_skip = BlockSkip(self.blocks) if self.blocks else None
-        # Each block's lag-1 gradient cosine, and that of the exact tensors (which every partial step
-        # computes), measured at consecutive backprop steps (always, so a checkpoint holds it whatever
-        # vsa_adaptive_block_drop says), and the per-block drop probabilities drawn against, a host list
-        # refreshed once per cycle.
-        self.groups = owned + [sorted(self.exact)] if owned else []
-        self.group_sizes = [sum(self.params[i].numel() for i in g) for g in self.groups]
-        self.consistency = Consistency([[self.params[i] for i in g] for g in self.groups], self.params[0].device,
-                                       args.vsa_seed)
-        self.drop = [args.vsa_block_drop] * len(self.blocks)
+        # DropBP on partial PREDICT steps (blocks.py): blocks below the exact tensors skip their backward.
+        self.dropbp = BlockDrop(model, self.params, self.exact, args.vsa_block_drop, args.vsa_adaptive_block_drop,
+                                args.vsa_seed)
         self.computed = set()  # this PREDICT step: predicted tensors that get an exact gradient instead
         self.requires = [True] * len(self.params)  # their requires_grad before a partial step froze some
         # Host copy, refreshed at CORRECT steps only. Nothing is measured yet: only an open gate admits.
@@ -117,8 +99,7 @@ class VSAEngine:
 
     def close(self):
         """Let go of the model before another engine takes it (a new run, a reset on resume)."""
-        if self.block_skip is not None:
-            self.block_skip.remove()
+        self.dropbp.remove()
         self.noise.remove()
 
     def _new_predictor(self, tensors):
@@ -203,23 +184,8 @@ class VSAEngine:
         return grads
 
     def refresh_drop(self):
-        """The blocks' drop probabilities for the PREDICT block that starts: vsa_block_drop, scaled
-        per block by its measured gradient noise share when vsa_adaptive_block_drop is on."""
-        base = self.args.vsa_block_drop
-        if not (self.blocks and self.args.vsa_adaptive_block_drop):
-            self.drop = [base] * len(self.blocks)
-            return
-        # The mean's share of each block's gradient (and of the exact tensors'): from the micro-batch
-        # gradients' noise scale where a step has two or more (it tells noise from a deterministic
-        # oscillation, which also makes the lag-1 cosine low), else from the lag-1 cosine.
-        share = self.noise.group_share(self.groups, self.reduce_mean)
-        if share is None:
-            if not self.consistency.measured:
-                self.drop = [base] * len(self.blocks)
-                return
-            share = self.reduce_mean(self.consistency.mean)
-        # host sync: once per cycle; averaged over processes so that every rank skips the same blocks
-        self.drop = drop_probabilities(share, base, self.group_sizes).tolist()
+        """The blocks' drop probabilities for the PREDICT block that starts (BlockDrop.refresh)."""
+        self.dropbp.refresh(self.noise, self.reduce_mean)
 
     def after_backward(self, grad_scale=None, micro_scale=1.0):
         """Last micro-batch of a backprop step: record the accumulated, synchronised gradient
@@ -297,7 +263,10 @@ class VSAEngine:
         vsa_tolerance more optimizer steps.
         Host sync (the noise estimate): at the start of a PREDICT block and at CORRECT steps."""
         self.refresh_noise()
+        # Only with kappa from two batch sizes (noise.py): with one gradient per step it is read from the
+        # lag-1 cosine, which the mean's own drift between steps lowers, and a kappa read low inflates v.
         self.whole = bool(self.args.vsa_whole_step and self.probe is None and self.corrections
+                          and self.noise.lag1 is None
                           and whole_step_pays(self.worth, self.kappa, self.controller.predict_share,
                                               self.args.vsa_tolerance))
 
@@ -375,6 +344,13 @@ class VSAEngine:
         self.predict_mask = [i in active and (gate_off or c >= self.args.vsa_min_cosine)
                              for i, c in enumerate(tensor_cos)]
 
+    # DropBP's state, as the checkpoint, the statistics and the scripts read it
+    blocks = property(lambda self: self.dropbp.blocks)
+    block_tensors = property(lambda self: self.dropbp.block_tensors)
+    group_sizes = property(lambda self: self.dropbp.group_sizes)
+    consistency = property(lambda self: self.dropbp.consistency)
+    drop = property(lambda self: self.dropbp.drop, lambda self, v: setattr(self.dropbp, "drop", v))
+
     # rank-local state saved with the checkpoint (checkpoint.RANK_LOCAL)
     noise_g2 = property(lambda self: self.noise.g2, lambda self, v: setattr(self.noise, "g2", v))
     noise_trace = property(lambda self: self.noise.trace, lambda self, v: setattr(self.noise, "trace", v))
@@ -384,8 +360,7 @@ class VSAEngine:
         """This PREDICT stretch runs backprop steps: not whole-step, and the measured drop
         probabilities (vsa_adaptive_block_drop) skip no block, so a partial step would cost the
         predicted tensors' updates and save no backward."""
-        return (bool(self.blocks) and self.args.vsa_adaptive_block_drop and not self.whole
-                and max(self.drop) == 0)
+        return self.dropbp.skips_none and not self.whole
 
     @property
     def partial(self) -> bool:
@@ -399,15 +374,12 @@ class VSAEngine:
         step): the same on every rank, micro-batch and resume); a skipped block passes the gradient
         down unchanged, so the kept blocks and the tensors outside blocks (embeddings; not those
         vsa_skip_sparse dropped) get theirs."""
-        if self.block_skip is not None:
-            self.block_skip.reset()
+        if self.dropbp.skip is not None:
+            self.dropbp.skip.reset()
         if frozen:
             self.computed = set(self.exact)
         if frozen and self.blocks:
-            gen = torch.Generator().manual_seed(mix_seed(self.args.vsa_seed, 3, self.step))
-            draw = torch.rand(len(self.blocks), generator=gen).tolist()  # host tensor: no device sync
-            self.block_skip.skipped = {k for k, u in enumerate(draw) if u < self.drop[k]}
-            skipped = {i for k in self.block_skip.skipped for i in self.block_tensors[k]}
+            skipped = self.dropbp.draw(self.step)
             self.computed = (set(range(len(self.params))) - skipped - self._sparse()) | self.exact
         for i, p in enumerate(self.params):
             if frozen:  # (a callback may have frozen some since the engine was built: they stay frozen)

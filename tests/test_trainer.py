@@ -723,3 +723,19 @@ def test_measured_noise_decides_whole_step_predict_and_the_micro_batches_each_st
                 assert bwd.per_step[k] == micro
     logged = [h for h in t.state.log_history if "vsa/noise_scale" in h]
     assert logged and all(h["vsa/micro_batches"] in (2, 3, 4) for h in logged)
+
+
+def test_one_gradient_per_step_never_runs_whole_step_predict(tmp_path):
+    # The same strongly predictable run as above, but one micro-batch per step: kappa is then only the
+    # lag-1 cosine, biased low by the mean's drift, and whole-step PREDICT is not decided from it,
+    # however well the predictions measure.
+    from hf_vsa.controller import whole_step_pays
+    data = make_dataset(2048).map(lambda row: {"labels": 1})
+    sched = {**SCHEDULE, "vsa_correct_every": 2}
+    t = VSATrainer(model=make_model(), args=args(tmp_path, max_steps=40, vsa_tolerance=0.2, **sched),
+                   train_dataset=data)
+    t.train()
+    e = t.vsa
+    assert e.noise.lag1 is not None and len(e.worth) >= 2
+    assert whole_step_pays(e.worth, e.kappa, e.controller.predict_share, 0.2)  # the measurements alone would
+    assert not e.whole_steps and not e.whole
