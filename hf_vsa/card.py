@@ -29,7 +29,8 @@ def render_section(engine, args, plot=None) -> str:
     if engine.blocks:
         if args.vsa_adaptive_block_drop:
             p = (f"probability {args.vsa_block_drop:g} x (1 - sqrt of its gradient's measured signal share) "
-                 f"(last: {', '.join(f'{d:.2f}' for d in engine.drop)})")
+                 "where that signal per unit of backward cost was below the step's, else never; where no block "
+                 f"qualified, PREDICT steps ran full backprop (last: {', '.join(f'{d:.2f}' for d in engine.drop)})")
         else:
             p = f"probability {args.vsa_block_drop:g}"
         how += (f"; each of the {len(engine.blocks)} transformer blocks below them skipped its backward with "

@@ -39,3 +39,12 @@ def test_regime_table_numbers_come_from_the_results_files(tmp_path):
     for regime, _ in docs.REGIMES:
         for task in docs.TASKS:
             assert f"| {regime} | {task}" in table
+
+
+def test_every_local_link_and_picture_in_the_docs_exists():
+    import re
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
