@@ -81,7 +81,8 @@ def describe_predict(trainer, args):
     how = (f"forward + backward through the top {args.vsa_exact_fraction:.0%} of trainable tensors only"
            if vsa.exact else "no backward")
     if vsa.blocks:
-        keep = (f"1 - {args.vsa_block_drop:g} x (1 - sqrt of its measured gradient signal share); last: "
+        keep = (f"1 - {args.vsa_block_drop:g} x (1 - sqrt of its measured gradient signal share) where that "
+                "signal per unit of backward cost is below the step's, else 1; last: "
                 + ", ".join(f"{1 - d:.2f}" for d in vsa.drop)
                 if args.vsa_adaptive_block_drop else f"{1 - args.vsa_block_drop:g}")
         how = (f"forward + backward through the top {args.vsa_exact_fraction:.0%} of trainable tensors and, "

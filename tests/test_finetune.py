@@ -23,7 +23,8 @@ def test_main_job_fine_tunes_the_real_model_and_prints_a_summary(tmp_path):
     assert "full backward passes   9" in out  # WWW FF PCPP FF PCP
     line = next(line for line in out.splitlines() if line.startswith("PREDICT steps"))
     head = ("PREDICT steps          5 (forward + backward through the top 20% of trainable tensors and, below them, "
-            "each of 4 blocks with probability 1 - 0.5 x (1 - sqrt of its measured gradient signal share); last: ")
+            "each of 4 blocks with probability 1 - 0.5 x (1 - sqrt of its measured gradient signal share) where "
+            "that signal per unit of backward cost is below the step's, else 1; last: ")
     assert line.startswith(head) and line.endswith(" (DropBP))")  # MiniLM's layers 0-3
     keep = [float(k) for k in line[len(head):-len(" (DropBP))")].split(", ")]
     assert len(keep) == 4 and all(0.5 <= k <= 1.0 for k in keep)
