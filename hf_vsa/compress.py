@@ -13,18 +13,23 @@ Pure tensor functions on the tensors' own device, plus `CompressedHistory`, a ri
   bundle, made in blocks from a local torch.Generator, never stored) and `bundle` consecutive records are summed
   into one superposition, an integer in [-bundle, bundle] packed 2 per byte. Unbinding (multiply
   by the key again) returns each record plus crosstalk from the others in its bundle.
+- int4: each element rounded to the nearest of 15 levels, -7..7 times max|x|/7 of its block, 2 per
+  byte. For the AR predictor: its forecast is a weighted sum of the records with weights of either
+  sign (c = (2, -1) for a trend), which adds up their rounding noise; read back from ternary records
+  it kept 0.67 of the cosine it has over fp32 records, from int4 records nearly all (results/
+  gradient_noise_*_8x.json, ar_ternary and ar_int4 against ar).
 
 Error feedback: what rounding lost from a record is carried into the next one (kept as int8 with
 a block scale), so the stored records sum to the true ones minus only the newest error, which the
 read-back adds back. Without it the same rounding error of similar consecutive gradients adds up
 in the weighted sum instead of cancelling.
 
-Bytes per element: ternary window/4, vsa window/(2*bundle); plus 1 (error) and 4*window/block
-(scales).
+Bytes per element: ternary window/4, int4 window/2, vsa window/(2*bundle); plus 1 (error) and
+4*window/block (scales).
 """
 import torch
 
-COMPRESSIONS = ("none", "ternary", "vsa")
+COMPRESSIONS = ("none", "ternary", "int4", "vsa")
 ROUNDINGS = ("deterministic", "stochastic")
 _KEY_CHUNK = 1 << 20  # keys are generated this many elements at a time
 
@@ -173,7 +178,7 @@ class CompressedHistory:
         self.params = list(params)
         self.kind, self.window, self.block, self.rounding, self.seed = kind, window, block, rounding, seed
         self.bundle = min(bundle, window) if kind == "vsa" else 1
-        self.bits = 4 if kind == "vsa" else 2
+        self.bits = 4 if kind in ("vsa", "int4") else 2
         self.slots = -(-window // self.bundle)
         dev = self.params[0].device
         # Empty until allocate(): tensors dropped before the first record never cost memory.
@@ -225,16 +230,21 @@ class CompressedHistory:
             if self.kind == "none":
                 self.codes[i][k].zero_()[:g.numel()].copy_(g.reshape(-1))
                 continue
-            gen = None if self.rounding == "deterministic" else self._generator(0, t, i)
             # error feedback: carry what rounding lost from the previous record
             x = self.error[i].view(-1, self.block).float().mul_(self.error_scales[i][:, None])
             x.add_(_blocked(g, self.block))
-            codes, scales, amax = _ternarize_blocks(x, gen)
+            if self.kind == "int4":  # (round to nearest: |x - code * scale| <= scale / 2)
+                amax = x.abs().amax(1)
+                codes, scales = quantize_(x.clone(), amax, 7)
+                amax = scales / 2
+            else:
+                gen = None if self.rounding == "deterministic" else self._generator(0, t, i)
+                codes, scales, amax = _ternarize_blocks(x, gen)
             self.scales[i][k] = scales
-            # |x - code * scale| <= max |x| of the block, for both roundings
+            # ternary: |x - code * scale| <= max |x| of the block, for both roundings
             self.error[i], self.error_scales[i] = int8_quantize_(x.addcmul_(codes, scales[:, None], value=-1), amax)
-            if self.kind == "ternary":
-                self.codes[i][k] = pack(codes, 2)
+            if self.kind != "vsa":
+                self.codes[i][k] = pack(codes, self.bits)
             else:
                 bound = codes.reshape(-1).mul_(self._key(i, k))
                 total = bound if first else bound.add_(unpack(self.codes[i][b], 4))
@@ -281,9 +291,10 @@ class CompressedHistory:
             if self.kind == "none":
                 for k, w in slots:
                     acc.add_(self.codes[i][k].view(-1, self.block) * w_of(w))
-            elif self.kind == "ternary":
+            elif self.kind != "vsa":  # ternary, int4
                 for k, w in slots:
-                    acc.addcmul_(unpack(self.codes[i][k], 2).view(-1, self.block), self.scales[i][k][:, None] * w_of(w))
+                    acc.addcmul_(unpack(self.codes[i][k], self.bits).view(-1, self.block),
+                                 self.scales[i][k][:, None] * w_of(w))
             else:
                 bundles = {}
                 for j, at_j in sorted(by_position.items()):

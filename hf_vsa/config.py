@@ -216,13 +216,15 @@ class VSAArguments:
                   "choices": list(TRUSTS)},
     )
     vsa_compression: str = field(
-        default="ternary",
-        metadata={"help": "How the predictor stores its gradient history: 'none' (fp32 running sums, 3x the "
-                          "predicted parameters' bytes), 'ternary' (a ring of the last vsa_history_window records, "
-                          "2 bits per element, block scales, error feedback, residual in 4 bits; 0.91x for window "
-                          "8) or 'vsa' (the ternary records bound to seeded random keys and bundled "
-                          "vsa_bundle_size to a superposition; 0.66x, but the bundles' crosstalk lowers the "
-                          "prediction's cosine).",
+        default="int4",
+        metadata={"help": "How the predictor stores its gradient history: 'int4' (a ring of the last "
+                          "vsa_history_window records, 4 bits per element, block scales, error feedback, residual in "
+                          "4 bits; 1.4x the predicted parameters' bytes for window 8), 'ternary' (the same in 2 bits "
+                          "per element; 0.9x, but its rounding noise adds up in the AR forecast, a weighted sum of "
+                          "the records: a third of the cosine lost, where int4 loses almost none), 'vsa' (the "
+                          "ternary records bound to seeded random keys and bundled vsa_bundle_size to a "
+                          "superposition; 0.66x, and the bundles' crosstalk lowers the cosine further) or 'none' "
+                          "(fp32: running sums for 'wls'/'momentum', 3x; a ring of fp32 records for 'ar', window x).",
                   "choices": list(COMPRESSIONS)},
     )
     vsa_compression_block: int = field(

@@ -67,9 +67,28 @@ def test_gradient_noise_measures_cosines_against_the_actual_gradient(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(out.read_text())
     assert [r["step"] for r in data["rows"]] == [2, 3, 4]
-    assert all(-1 <= r[k] <= 1 for r in data["rows"] for k in ("prev", "lag2", "ema", "wls", "wls_median"))
+    assert all(-1 <= r[k] <= 1 for r in data["rows"] for k in ("prev", "lag2", "ema", "wls", "wls_median", "ar",
+                                                              "ar_ternary", "ar_int4", "ar2", "secant", "secant_whole"))
     assert data["ceiling"] == max(data["mean"]["prev"], 0) ** 0.5
     assert "ceiling for any prediction" in done.stdout
+
+
+def test_secant_step_is_exact_on_a_quadratic_within_the_span_of_the_steps():
+    # g(theta) = A theta: y_j = A s_j, so H s = A s for any step s the recorded steps span.
+    sys.path.insert(0, str(SCRIPTS / "diagnostics"))
+    from gradient_noise import secant
+    import torch
+    gen = torch.Generator().manual_seed(0)
+    A = [torch.randn(6, 6, generator=gen, dtype=torch.float64), torch.randn(4, 4, generator=gen, dtype=torch.float64)]
+    S = [[torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)]
+         for _ in range(3)]
+    Y = [[a @ s for a, s in zip(A, pair)] for pair in S]
+    now = [sum(c * pair[i] for c, pair in zip((0.5, -1.0, 2.0), S)) for i in range(2)]
+    # per tensor, and with one H for the whole model (the same step coefficients in every tensor here)
+    for per_tensor in (True, False):
+        for a, s, h in zip(A, now, secant(S, Y, now, per_tensor=per_tensor, ridge=1e-12)):
+            torch.testing.assert_close(h, a @ s, rtol=1e-6, atol=1e-8)
+    assert all(not x.any() for x in secant([], [], now))
 
 
 def test_step_cost_splits_a_real_trainer_step_and_bounds_any_forward_keeping_speedup(tmp_path):

@@ -84,13 +84,13 @@ def test_pack_round_trips_and_has_the_formula_size(bits, values):
     assert torch.equal(unpack(packed, bits), v.float())
 
 
-@pytest.mark.parametrize("kind", ["ternary", "vsa"])
+@pytest.mark.parametrize("kind", ["ternary", "int4", "vsa"])
 def test_history_bytes_equal_the_formula(kind):
     params = [torch.zeros(1000), torch.zeros(3, 5)]
     h = CompressedHistory(params, kind, window=8, block=BLOCK, bundle=4)
     assert h.nbytes() == 0  # nothing is allocated before the first record
     h.allocate([0, 1])
-    slots, bits = (8, 2) if kind == "ternary" else (2, 4)
+    slots, bits = {"ternary": (8, 2), "int4": (8, 4), "vsa": (2, 4)}[kind]
     expect = sum(slots * packed_bytes(p.numel(), BLOCK, bits)  # codes
                  + 8 * blocks_of(p.numel(), BLOCK) * 4  # record scales
                  + blocks_of(p.numel(), BLOCK) * (BLOCK + 4)  # int8 error feedback + its scales
@@ -99,9 +99,9 @@ def test_history_bytes_equal_the_formula(kind):
     assert packed_bytes(1000, BLOCK, 2) == math.ceil(1000 / BLOCK) * BLOCK // 4
 
 
-@pytest.mark.parametrize("kind,codes_per_element", [("ternary", 8 / 4), ("vsa", 8 / (2 * 4))])
+@pytest.mark.parametrize("kind,codes_per_element", [("ternary", 8 / 4), ("int4", 8 / 2), ("vsa", 8 / (2 * 4))])
 def test_predictor_state_bytes_equal_the_documented_formula(kind, codes_per_element):
-    # README: per predicted element, window/4 (ternary; vsa: window/(2*bundle)) + 1 (error feedback)
+    # README: per predicted element, window/4 (ternary; int4: window/2; vsa: window/(2*bundle)) + 1 (error feedback)
     # + 4*(window + 2)/block (scales) + 1/2 (the 4-bit residual); window 8, bundle 4.
     params = [torch.zeros(4 * BLOCK), torch.zeros(2, BLOCK)]
     pred = GradientPredictor(params, compression=kind, window=8, block=BLOCK, bundle=4)
@@ -174,7 +174,7 @@ class LargestAllocation(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("kind", ["ternary", "vsa"])
+@pytest.mark.parametrize("kind", ["ternary", "int4", "vsa"])
 def test_no_dense_projection_is_ever_allocated(kind):
     n = 10_000_000
     g = torch.randn(n)
@@ -188,7 +188,7 @@ def test_no_dense_projection_is_ever_allocated(kind):
     assert mode.largest <= blocks_of(n, 256) * 256 * 4
 
 
-@pytest.mark.parametrize("kind", ["ternary", "vsa"])
+@pytest.mark.parametrize("kind", ["ternary", "int4", "vsa"])
 def test_predictor_state_round_trips_through_safetensors(tmp_path, kind):
     grads = real_grads()
     params = [torch.zeros_like(g) for g in grads]
@@ -223,6 +223,38 @@ def test_compressed_prediction_follows_the_uncompressed_fit_on_real_gradients():
     cos = {k: torch.nn.functional.cosine_similarity(preds[k], preds["none"], 0).item() for k in ("ternary", "vsa")}
     assert cos["ternary"] > 0.9, cos
     assert cos["vsa"] > 0.3, cos
+
+
+def test_int4_records_are_within_half_a_level_and_error_feedback_restores_the_newest():
+    g = torch.randn(5000)
+    h = CompressedHistory([torch.zeros(5000)], "int4", window=4, block=BLOCK)
+    h.push([g], 0)
+    first = h.weighted_sum({1: 1.0})  # (slot 1 is empty: weight on nothing reads zero)
+    assert not first[0].any()
+    codes = unpack(h.codes[0][0], 4)
+    assert codes.abs().max() <= 7 and codes.abs().max() == 7  # the block's largest element is a full level
+    one = dequantize(h.codes[0][0], h.scales[0][0], g.numel(), BLOCK, 4)
+    level = h.scales[0][0].repeat_interleave(BLOCK)[:g.numel()]
+    assert ((one - g).abs() <= level / 2 + 1e-6).all()
+    # the newest record is read back with its rounding error (int8) added: far closer still
+    assert (h.weighted_sum({0: 1.0})[0] - g).norm() < 0.05 * (one - g).norm()
+
+
+def test_ar_forecast_from_int4_records_keeps_the_fp32_forecast_where_ternary_loses_it():
+    # An oscillation plus a trend, with noise: AR(2) weights of both signs add up the records'
+    # rounding noise; 4-bit records keep the forecast, 2-bit ones lose much of it.
+    torch.manual_seed(0)
+    base, trend = torch.randn(20000), torch.randn(20000)
+    seq = [(-1) ** t * base + 0.1 * t * trend + 0.3 * torch.randn(20000) for t in range(8)]
+    preds = {}
+    for kind in ("none", "int4", "ternary"):
+        p = GradientPredictor([torch.zeros(20000)], kind="ar", compression=kind, window=8, block=BLOCK,
+                              residual_decay=0.0)
+        for t, g in enumerate(seq):
+            p.record([g], t)
+        preds[kind] = p.predict(8)[0]
+    cos = {k: torch.nn.functional.cosine_similarity(preds[k], preds["none"], 0).item() for k in ("int4", "ternary")}
+    assert cos["int4"] > 0.97 and cos["ternary"] < cos["int4"] - 0.1, cos
 
 
 def test_ternary_accumulation_is_unbiased_within_the_documented_error():

@@ -5,7 +5,14 @@ step t after --skip, compares the actual gradient g_t with
     prev   g_{t-1}, the last gradient (and lagK: g_{t-K}, for K up to --lags: PREDICT steps read a
            history last recorded up to vsa_correct_every steps before);
     ema    the bias-corrected EMA of past gradients (vsa_predictor="momentum", 0.9);
-    wls    hf_vsa's closed-form WLS prediction (vsa_predictor="wls", uncompressed, defaults).
+    wls    hf_vsa's closed-form WLS prediction (vsa_predictor="wls", uncompressed, defaults);
+    ar     hf_vsa's AR(2) prediction (vsa_predictor="ar", the default, uncompressed records), and
+           ar_ternary and ar_int4 over ternary and 4-bit records (vsa_compression), and arH for H in --horizons:
+           from the records up to t-H only (a PREDICT block's H-th step; no record in between);
+    secant g_{t-1} + H s_{t-1}: the last gradient moved along the step the optimizer just took,
+           s_{t-1} = theta_t - theta_{t-1} (known exactly, also after a predicted step), with H the
+           least-squares multi-secant fit to the last --window (s, y = g_{j+1} - g_j) pairs, per
+           tensor (secant) or with one H over the whole model (secant_whole); see `secant`.
 Each cosine is over the whole model (energy-weighted: tensors with larger gradients count more)
 and, per tensor, its median.
 
@@ -44,6 +51,27 @@ def cosines(a, b):
     return whole, per
 
 
+def secant(s_hist, y_hist, s_now, per_tensor=True, ridge=1e-3):
+    """Multi-secant step H s_now (one tensor per parameter): H = Y (S^T S + r I)^-1 S^T, the
+    least-squares H with H s_j ~ y_j over the pairs given (oldest first), ridge r = ridge *
+    trace(S^T S) / m. Per tensor, the Gram of that tensor's s_j; whole-model, one Gram summed over
+    tensors (so one set of m coefficients). Closed form from inner products, as the AR fit."""
+    m = len(s_hist)
+    if m == 0:
+        return [torch.zeros_like(x) for x in s_now]
+    S = [torch.stack([h[i].flatten().double() for h in s_hist]) for i in range(len(s_now))]  # [m, d]
+    Y = [torch.stack([h[i].flatten().double() for h in y_hist]) for i in range(len(s_now))]
+    gram = torch.stack([x @ x.T for x in S])  # [T, m, m]
+    rhs = torch.stack([x @ v.flatten().double() for x, v in zip(S, s_now)])  # [T, m]
+    if not per_tensor:
+        gram, rhs = gram.sum(0, keepdim=True), rhs.sum(0, keepdim=True)
+    eye = torch.eye(m, dtype=gram.dtype)
+    gram = gram + (ridge * gram.diagonal(dim1=1, dim2=2).sum(-1) / m).clamp_min(1e-30)[:, None, None] * eye
+    c = torch.linalg.solve(gram, rhs[..., None])[..., 0]  # [T or 1, m]
+    c = c.expand(len(s_now), m)
+    return [(c[i] @ Y[i]).view_as(v).to(v.dtype) for i, v in enumerate(s_now)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="sentiment", choices=list(TASKS))
@@ -54,6 +82,9 @@ def main(argv=None):
     p.add_argument("--max_length", type=int, default=48, help="sentiment: tokens per snippet")
     p.add_argument("--lags", type=int, default=5, help="also compare g_{t-K} for K = 2..lags")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=int, default=8, help="records the AR and secant fits read")
+    p.add_argument("--horizons", help="also AR forecasts made H steps before, H in this comma-separated list, "
+                                      "each in 2..--lags (default: those of 2,4 that are)")
     p.add_argument("--out", help="write the per-step numbers as JSON here")
     a = p.parse_args(argv)
     if not max(2, a.lags) <= a.skip < a.steps:
@@ -62,16 +93,33 @@ def main(argv=None):
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr)
     wls = GradientPredictor(params, kind="wls", compression="none")
+    ar = GradientPredictor(params, kind="ar", compression="none", window=a.window)
+    ar_ternary = GradientPredictor(params, kind="ar", compression="ternary", window=a.window)
+    ar_int4 = GradientPredictor(params, kind="ar", compression="int4", window=a.window)
+    horizons = ([h for h in (2, 4) if h <= a.lags] if a.horizons is None
+                else [int(h) for h in a.horizons.split(",") if h])
+    if horizons and not 2 <= min(horizons) <= max(horizons) <= a.lags:
+        p.error("--horizons must lie in 2..--lags (the gradients kept)")
+    ar_late = {h: GradientPredictor(params, kind="ar", compression="none", window=a.window) for h in horizons}
     ema, past, rows = None, [], []  # past: the last --lags gradients, newest first
+    s_hist, y_hist, theta = [], [], None  # secant pairs, oldest first; the parameters before the step
     order = torch.randperm(n, generator=torch.Generator().manual_seed(a.seed)).tolist()
     for t in range(a.steps):
         opt.zero_grad()
         model(**batch(order[t * a.batch:(t + 1) * a.batch])).loss.backward()
         g = [q.grad.detach().float().clone() for q in params]
+        for h, pred in ar_late.items():  # records up to t-h (past[k-1] is g_{t-k})
+            if t - h >= 0:
+                pred.record(past[h - 1], t - h)
         if t >= a.skip:
             row = {"step": t}
             for name, pred in (("prev", past[0]), ("ema", torch._foreach_div(ema, 1 - 0.9 ** t)),
-                               ("wls", wls.predict(t))):
+                               ("wls", wls.predict(t)), ("ar", ar.predict(t)),
+                               ("ar_ternary", ar_ternary.predict(t)), ("ar_int4", ar_int4.predict(t)),
+                               *((f"ar{h}", pred.predict(t)) for h, pred in ar_late.items()),
+                               ("secant", torch._foreach_add(past[0], secant(s_hist[:-1], y_hist, s_hist[-1]))),
+                               ("secant_whole", torch._foreach_add(
+                                   past[0], secant(s_hist[:-1], y_hist, s_hist[-1], per_tensor=False)))):
                 row[name], per = cosines(pred, g)
                 row[name + "_median"] = statistics.median(per)
             for k in range(2, a.lags + 1):
@@ -79,14 +127,23 @@ def main(argv=None):
             rows.append(row)
             print(" ".join(f"{k} {v:+.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
         wls.record(g, t)
+        ar.record(g, t)
+        ar_ternary.record(g, t)
+        ar_int4.record(g, t)
+        if t > 0:  # the pair of step t-1: (s_{t-1}, g_t - g_{t-1}); s_hist[-1] stays unpaired until now
+            y_hist = (y_hist + [torch._foreach_sub(g, past[0])])[-(a.window - 1):]
+            s_hist = s_hist[-(a.window - 1):]
         ema = [x * 0.1 for x in g] if ema is None else torch._foreach_add(torch._foreach_mul(ema, 0.9), g, alpha=0.1)
         past = [g, *past][:max(1, a.lags)]
+        theta = [q.detach().clone() for q in params]
         opt.step()
+        s_hist.append(torch._foreach_sub([q.detach() for q in params], theta))
     mean = {k: statistics.mean(r[k] for r in rows) for k in rows[0] if k != "step"}
     ceiling = max(mean["prev"], 0.0) ** 0.5
     print(f"\n{a.task}: steps {a.skip}-{a.steps - 1}, mean cosine with the actual gradient (whole model; "
           f"per-tensor median): " + ", ".join(f"{k} {mean[k]:+.3f} ({mean[k + '_median']:+.3f})"
-                                             for k in ("prev", "ema", "wls"))
+                                             for k in ("prev", "ema", "wls", "ar", "ar_ternary", "ar_int4", *(f"ar{h}" for h in horizons),
+                                                       "secant", "secant_whole"))
           + "".join(f", lag{k} {mean[f'lag{k}']:+.3f}" for k in range(2, a.lags + 1)))
     print(f"ceiling for any prediction if gradients were mean + independent noise, sqrt(prev): {ceiling:.3f} "
           "(the gate admits from vsa_min_cosine 0.2)")
