@@ -233,7 +233,8 @@ class VSAArguments:
     )
     vsa_ternary_rounding: str = field(
         default="deterministic",
-        metadata={"help": "Rounding to {-1, 0, +1} of stored records: 'deterministic' (threshold 0.7*mean|x| per "
+        metadata={"help": "Rounding to {-1, 0, +1} of stored records ('ternary' and 'vsa' compression; 'int4' "
+                          "records are rounded to the nearest level): 'deterministic' (threshold 0.7*mean|x| per "
                           "block) or 'stochastic' (unbiased, seeded by vsa_seed and the step).",
                   "choices": list(ROUNDINGS)},
     )
