@@ -73,6 +73,21 @@ def test_gradient_noise_measures_cosines_against_the_actual_gradient(tmp_path):
     assert "ceiling for any prediction" in done.stdout
 
 
+def test_late_evals_compare_a_longer_run_at_the_trainers_steps():
+    sys.path.insert(0, str(SCRIPTS))
+    from benchmark import late_eval_vs_trainer
+    evals = lambda losses, every: [{"step": i * every, "eval_loss": x} for i, x in enumerate(losses)]
+    base = {"examples_per_step": 8, "evals": evals([1.0, 0.9, 0.8, 0.7, 0.6, 0.5], 2)}  # steps 0..10
+    longer = {"examples_per_step": 8, "evals": evals([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05], 2)}
+    # the same losses at the Trainer's steps 2..10: equal, whatever the longer run reaches later
+    assert late_eval_vs_trainer(longer, base) == 0.0
+    worse = {"examples_per_step": 8, "evals": evals([1.0, 1.1, 1.0, 0.9, 0.8, 0.7, 0.1], 2)}
+    assert abs(late_eval_vs_trainer(worse, base) - (4.5 / 3.5 - 1)) < 1e-12
+    # another batch (trainer_small): its own last 5 evaluations, made after the same examples
+    small = {"examples_per_step": 1, "evals": evals([1.0, 0.8, 0.8, 0.8, 0.8, 0.8], 16)}
+    assert abs(late_eval_vs_trainer(small, base) - (4.0 / 3.5 - 1)) < 1e-12
+
+
 def test_secant_step_is_exact_on_a_quadratic_within_the_span_of_the_steps():
     # g(theta) = A theta: y_j = A s_j, so H s = A s for any step s the recorded steps span.
     sys.path.insert(0, str(SCRIPTS / "diagnostics"))
