@@ -93,8 +93,8 @@ def results_md(paths) -> str:
             "`results/README.md`). Every ratio is against the plain `transformers.Trainer` measured in the same",
             "invocation, on the same model initialisation, data order and seed. 'Equal steps' compares at the",
             "Trainer's last step (a longer VSATrainer run is read at that step), and by the mean of the eval",
-            "losses at the Trainer's last 5 evaluations (one evaluation is noisy: the Trainer's own eval loss",
-            "moves by up to 11% from one to the next on 8x sentiment); 'equal wall time' interpolates",
+            "losses at the Trainer's last 5 evaluations (one evaluation is noisy: on 8x sentiment, seed 1, the",
+            "Trainer's own eval loss moved by 11% from one to the next); 'equal wall time' interpolates",
             "both runs' evaluations at the shorter of the two training times. `trainer_small` is the plain",
             "Trainer at the task's own batch, without accumulation, over the same examples: the smaller batch a",
             "user could pick instead. Evaluation time is excluded from every wall time.", ""]
