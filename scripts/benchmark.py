@@ -32,6 +32,9 @@ CONFIGS = {
     # The plain Trainer at the task's own batch (no accumulation) over the same examples: the smaller
     # batch a user could pick instead of --grad_accum N (N times the steps, eval every N times as many).
     "trainer_small": "small",
+    # The plain Trainer again, after the other runs: the A/A control. Its ratios against the first run are
+    # this machine's timing noise (same work, same trajectory), the yardstick for the others' small gaps.
+    "trainer_again": None,
 }
 
 
@@ -143,16 +146,16 @@ def make_trainer(name, overrides, a, callbacks):
 def run_one(name, overrides, a):
     clock = StepClock()
     trainer = make_trainer(name, overrides, a, [clock])
-    cls = type(trainer)
     trainer.evaluate()  # step-0 eval loss; also warms up the evaluation path outside the clock
     trainer.train()
-    if cls is VSATrainer:
-        trainer.vsa.refresh_noise(decide=False)  # the noise estimate at the end, for the record below
-    phases = trainer.vsa.phases if cls is VSATrainer else ["FULL"] * len(clock.steps)
+    engine = getattr(trainer, "vsa", None)  # None: the plain Trainer, or VSATrainer with vsa_enabled=False
+    if engine is not None:
+        engine.refresh_noise(decide=False)  # the noise estimate at the end, for the record below
+    phases = engine.phases if engine else ["FULL"] * len(clock.steps)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    counts = trainer.vsa.controller.counts if cls is VSATrainer else {"FULL": len(clock.steps)}
+    counts = engine.controller.counts if engine else {"FULL": len(clock.steps)}
     backward = len(clock.steps) - counts.get("PREDICT", 0)
-    vsa = trainer.vsa.stats() if cls is VSATrainer else {}
+    vsa = engine.stats() if engine else {}
     return {"name": name, "overrides": overrides, "step_wall": clock.steps, "phase": phases,
             "train_loss": losses, "evals": clock.evals, "train_wall": clock.train_time,
             "final_eval_loss": clock.evals[-1]["eval_loss"], "backward_fraction": backward / len(clock.steps),
@@ -163,11 +166,11 @@ def run_one(name, overrides, a):
             "tracked_tensor_fraction": vsa.get("vsa/tracked_tensor_fraction"),
             "noise_scale": vsa.get("vsa/noise_scale"), "batch_over_noise_scale": vsa.get("vsa/batch_over_noise_scale"),
             "mean_share": vsa.get("vsa/mean_share"),
-            "whole_steps": len(trainer.vsa.whole_steps) if cls is VSATrainer else 0,
+            "whole_steps": len(engine.whole_steps) if engine else 0,
             "examples_per_step": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps,
             # per block, at the end: the drop probabilities in use and the measured lag-1 gradient cosines
-            "block_drop": list(trainer.vsa.drop) if cls is VSATrainer else None,
-            "block_consistency": trainer.vsa.consistency.mean[:-1].tolist() if cls is VSATrainer else None,  # host sync: once
+            "block_drop": list(engine.drop) if engine else None,
+            "block_consistency": engine.consistency.mean[:-1].tolist() if engine else None,  # host sync: once
             "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
 
 
