@@ -24,6 +24,14 @@ PRESETS = {
 # Optimizers that update parameters inside backward: with no backward there is no update at
 # all, and a gradient written into .grad is never read.
 _BACKWARD_OPTIMIZERS = ("lomo", "adalomo")
+# Why the sharded engines are refused; checked on the arguments (here) and, for the same engines set up by
+# the accelerate configuration instead (accelerate launch --use_fsdp / --use_deepspeed), by the trainer.
+DEEPSPEED_REFUSAL = ("is not supported by VSATrainer (it owns the gradients and the step); supported: single "
+                     "process and DDP. Set vsa_enabled=False to use DeepSpeed.")
+FSDP_REFUSAL = ("is not supported by VSATrainer yet: hf_vsa's history, gate and noise state are kept per whole "
+                "tensor, and its partial backward freezes tensors, which FSDP's sharded parameters and "
+                "reduce-scatter do not allow as DDP does; supported: single process and DDP (accelerate launch "
+                "--multi_gpu). Set vsa_enabled=False to use FSDP.")
 
 
 @dataclass
@@ -325,13 +333,9 @@ class VSAArguments:
                 f"optim={optim!r} updates parameters inside backward, which PREDICT steps skip; "
                 "use an optimizer that reads .grad (e.g. adamw_torch) or set vsa_enabled=False")
         if self.deepspeed:
-            raise ValueError("deepspeed is not supported by VSATrainer (it owns the gradients and the step); "
-                             "supported: single process and DDP. Set vsa_enabled=False to use DeepSpeed.")
+            raise ValueError(f"deepspeed {DEEPSPEED_REFUSAL}")
         if self.fsdp:
-            raise ValueError("fsdp is not supported by VSATrainer yet: hf_vsa's history, gate and noise state are "
-                             "kept per whole tensor, and its partial backward freezes tensors, which FSDP's sharded "
-                             "parameters and reduce-scatter do not allow as DDP does; supported: single process and "
-                             "DDP (accelerate launch --multi_gpu). Set vsa_enabled=False to use FSDP.")
+            raise ValueError(f"fsdp {FSDP_REFUSAL}")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .card import TAGS, add_vsa_section
 from .checkpoint import load_engine, rank_local, save_engine
-from .config import VSAArguments
+from .config import DEEPSPEED_REFUSAL, FSDP_REFUSAL, VSAArguments
 from .controller import Phase
 from .engine import VSAEngine
 
@@ -61,6 +61,12 @@ class VSAMixin:
         if not isinstance(self.args, VSAArguments):
             raise TypeError(f"{type(self).__name__} needs arguments with the vsa_* fields (VSATrainingArguments, "
                             f"VSASFTConfig, or your config mixing in hf_vsa.VSAArguments), got {type(self.args).__name__}")
+        if self.args.vsa_enabled and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            # set up by the accelerate configuration, not by the arguments (which refuse fsdp= and deepspeed=)
+            which = "FSDP" if self.is_fsdp_enabled else "DeepSpeed"
+            raise ValueError(f"{which} (from the accelerate configuration: accelerate launch --use_fsdp / "
+                             f"--use_deepspeed, or ACCELERATE_USE_* variables) "
+                             f"{FSDP_REFUSAL if self.is_fsdp_enabled else DEEPSPEED_REFUSAL}")
         if self.args.vsa_enabled and self.args.n_gpu > 1:
             # DataParallel runs the blocks' replicas in threads, which would share DropBP's hook state.
             raise ValueError(

@@ -344,6 +344,10 @@ def parse(argv):
     p.add_argument("--max_length", type=int, default=48, help="sentiment: tokens per snippet")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each runs every config")
     p.add_argument("--cpu", action="store_true", help="force CPU even where CUDA is available")
+    p.add_argument("--warmup_steps", type=int, default=10,
+                   help="untimed plain-Trainer steps run first in the process, so that no timed run pays the "
+                        "process's cold start alone (measured: the first Trainer run of a process took up to "
+                        "1.5x the time of the same run repeated later); 0: none")
     p.add_argument("--quick", action="store_true", help="smoke test: 12 steps, 64 eval examples")
     p.add_argument("--out", default="bench_out/benchmark.json")
     p.add_argument("--workdir", default="bench_out/runs")
@@ -361,6 +365,7 @@ def parse(argv):
             setattr(a, k, v)
     if a.quick:
         a.steps, a.eval_every, a.n_eval, a.batch = 12, 6, min(a.n_eval, 32), min(a.batch, 8)
+        a.warmup_steps = min(a.warmup_steps, 2)
     a.seeds = [int(x) for x in a.seeds.split(",")]
     return a
 
@@ -406,6 +411,11 @@ def main(argv=None):
     if "trainer_small" in names and a.grad_accum == 1:
         raise SystemExit("--configs: trainer_small is the Trainer without --grad_accum; pass --grad_accum N > 1")
     torch.set_num_threads(os.cpu_count() or 1)
+    if a.warmup_steps > 0:
+        print(f"== {a.task}: warm-up, {a.warmup_steps} untimed Trainer steps", flush=True)
+        warm = argparse.Namespace(**{**vars(a), "steps": a.warmup_steps, "eval_every": a.warmup_steps + 1,
+                                     "seed": a.seeds[0]})
+        make_trainer("warmup", None, warm, []).train()
     per_seed = []
     for seed in a.seeds:
         a.seed = seed

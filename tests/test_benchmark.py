@@ -12,15 +12,17 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 def test_quick_benchmark_writes_measured_ratios(tmp_path):
     out = tmp_path / "b.json"
-    done = subprocess.run([sys.executable, str(SCRIPTS / "benchmark.py"), "--quick", "--configs", "trainer,default",
+    done = subprocess.run([sys.executable, str(SCRIPTS / "benchmark.py"), "--quick", "--configs", "trainer,default,trainer_again",
                            "--out", str(out), "--workdir", str(tmp_path / "runs")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step-time x" in done.stdout and "time-to-target" in done.stdout
     data = json.loads(out.read_text())
     (seed,) = data["seeds"]
-    trainer, default = seed["runs"]
+    trainer, default, again = seed["runs"]
     assert len(trainer["step_wall"]) == len(default["step_wall"]) == 12
+    # the A/A control is the same work: the same trajectory, only its timing differs
+    assert again["train_loss"] == trainer["train_loss"] and again["evals"][-1]["eval_loss"] == trainer["final_eval_loss"]
     assert "PREDICT" in default["phase"] and set(trainer["phase"]) == {"FULL"}
     row = seed["summary"]["rows"][1]
     assert row["step_time_ratio"] > 0 and row["peak_rss_gb"] > 0

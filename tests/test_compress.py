@@ -240,6 +240,23 @@ def test_int4_records_are_within_half_a_level_and_error_feedback_restores_the_ne
     assert (h.weighted_sum({0: 1.0})[0] - g).norm() < 0.05 * (one - g).norm()
 
 
+@pytest.mark.parametrize("kind", ["none", "ternary", "int4", "vsa"])
+def test_gram_reads_each_record_as_the_weighted_sum_does(kind):
+    # The AR fit's inner products come from the records decoded together (records()); they must be
+    # those of the records as a prediction reads them, one at a time, the newest with its rounding error.
+    torch.manual_seed(0)
+    params = [torch.zeros(n) for n in (300, 7, 2 * BLOCK)]
+    h = CompressedHistory(params, kind, window=4, block=BLOCK)
+    for t in range(6):  # the ring has wrapped: the newest record is in slot 1 (vsa: a new bundle of 2)
+        h.push([torch.randn_like(p) for p in params], t)
+    slots = [k for k, _ in sorted(h.filled(), key=lambda kt: kt[1])]
+    assert slots == ([0, 1] if kind == "vsa" else [2, 3, 0, 1])
+    gram = h.gram(range(3), slots)
+    for i in range(3):
+        r = torch.stack([h.weighted_sum({k: 1.0}, [i], padded=True)[0] for k in slots])
+        assert torch.equal(gram[i], (r @ r.T).double())
+
+
 def test_ar_forecast_from_int4_records_keeps_the_fp32_forecast_where_ternary_loses_it():
     # An oscillation plus a trend, with noise: AR(2) weights of both signs add up the records'
     # rounding noise; 4-bit records keep the forecast, 2-bit ones lose much of it.

@@ -95,3 +95,39 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path):
     # The schedule state carries over whatever the world size (the data split itself changes).
     assert t.vsa.phases[:4] == r0["phases"][8:12]
     assert t.vsa.controller.step == 16
+
+
+FSDP_SCRIPT = '''
+import sys
+sys.path.insert(0, {scripts!r})
+from tasks import tiny_dataset, tiny_model
+from hf_vsa import VSATrainer, VSATrainingArguments
+
+vsa = sys.argv[1] == "on"
+args = VSATrainingArguments(output_dir={out!r}, max_steps=2, per_device_train_batch_size=4, use_cpu=True,
+                            report_to="none", save_strategy="no", disable_tqdm=True, vsa_enabled=vsa)
+trainer = VSATrainer(model=tiny_model(), args=args, train_dataset=tiny_dataset(64))
+trainer.train()
+print("trained under FSDP:", trainer.is_fsdp_enabled, type(trainer.model_wrapped).__name__)
+trainer.accelerator.end_training()
+'''
+
+
+@pytest.mark.parametrize("vsa", ["off", "on"])
+def test_fsdp_from_the_accelerate_configuration_is_refused_as_fsdp_in_the_arguments(tmp_path, vsa):
+    # `accelerate launch --use_fsdp` sets FSDP up without TrainingArguments.fsdp, which the arguments'
+    # check never sees: the trainer refuses it with the same reason. Switched off, the same launch
+    # trains under FSDP2 (the control: FSDP itself runs here, on 2 CPU processes over gloo).
+    script = tmp_path / "fsdp_run.py"
+    script.write_text(FSDP_SCRIPT.format(scripts=str(SCRIPT.parents[1]), out=str(tmp_path / "run")))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(script), vsa]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if vsa == "off":
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert "trained under FSDP: True" in done.stdout
+    else:
+        assert done.returncode != 0
+        assert "FSDP (from the accelerate configuration" in done.stderr
+        assert "supported: single process and DDP" in done.stderr
