@@ -30,8 +30,9 @@ DEEPSPEED_REFUSAL = ("is not supported by VSATrainer (it owns the gradients and 
                      "process and DDP. Set vsa_enabled=False to use DeepSpeed.")
 FSDP_REFUSAL = ("is not supported by VSATrainer yet: hf_vsa's history, gate and noise state are kept per whole "
                 "tensor, and its partial backward freezes tensors, which FSDP's sharded parameters and "
-                "reduce-scatter do not allow as DDP does; supported: single process and DDP (accelerate launch "
-                "--multi_gpu). Set vsa_enabled=False to use FSDP.")
+                "reduce-scatter do not allow as DDP does (and accelerate runs FSDP on GPUs only, so it has not "
+                "been built and tested on the CPU machines hf_vsa is developed on); supported: single process "
+                "and DDP (accelerate launch --multi_gpu). Set vsa_enabled=False to use FSDP.")
 
 
 @dataclass

@@ -116,8 +116,10 @@ def regime_table() -> str:
             if not os.path.exists(path):
                 lines.append(f"| {regime} | {task} | not measured | | | | | | |")
                 continue
-            d = json.load(open(path))
-            for s in d["seeds"]:  # one row per seed: the spread is the point
+            # more seeds of the same setting, run later: <file>_seeds_<list>.json
+            seeds = [s for p in [path] + sorted(glob.glob(path[:-len(".json")] + "_seeds_*.json"))
+                     for s in json.load(open(p))["seeds"]]
+            for s in seeds:  # one row per seed: the spread is the point
                 rows = {r["name"]: r for r in s["summary"]["rows"]}
                 small = rows.get("trainer_small")
                 cells = _row_cells(rows["default"], _late(s)["default"])

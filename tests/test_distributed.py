@@ -23,15 +23,21 @@ def launch(out, mode, resume=None, steps=None):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(SCRIPT), "--task", "tiny", "--mode", mode, "--out", str(out),
            "--save_steps", "4"] + (["--resume", str(resume)] if resume else []) + (["--steps", str(steps)] if steps else [])
-    # A hang must fail the test, not block CI. One retry, only for a known gloo abort of a rank
-    # ("terminate called without an active exception", seen in 2 of about 10 runs on 2 cores);
-    # the run is deterministic, so a retry checks the same thing. Any other failure fails at once.
-    for attempt in range(2):
+    done = run_launch(cmd)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def run_launch(cmd):
+    """A 2-process launch. A hang must fail the test, not block CI. Retried (3 tries in all) only for a
+    known gloo abort of a rank at exit ("terminate called without an active exception", seen in 2 of
+    about 10 DDP runs on 2 cores, 3 of 6 of the FSDP launch below); the run is deterministic, so a
+    retry checks the same thing. Any other failure fails at once."""
+    for attempt in range(3):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode == 0 or "terminate called without an active exception" not in done.stderr:
             break
-    assert done.returncode == 0, done.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return done
 
 
 def same_files(out, name):
@@ -97,37 +103,53 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path):
     assert t.vsa.controller.step == 16
 
 
+
 FSDP_SCRIPT = '''
 import sys
 sys.path.insert(0, {scripts!r})
 from tasks import tiny_dataset, tiny_model
 from hf_vsa import VSATrainer, VSATrainingArguments
 
-vsa = sys.argv[1] == "on"
 args = VSATrainingArguments(output_dir={out!r}, max_steps=2, per_device_train_batch_size=4, use_cpu=True,
-                            report_to="none", save_strategy="no", disable_tqdm=True, vsa_enabled=vsa)
+                            report_to="none", save_strategy="no", disable_tqdm=True, vsa_enabled=False)
 trainer = VSATrainer(model=tiny_model(), args=args, train_dataset=tiny_dataset(64))
 trainer.train()
-print("trained under FSDP:", trainer.is_fsdp_enabled, type(trainer.model_wrapped).__name__)
+print("distributed:", trainer.accelerator.distributed_type.name, "fsdp:", trainer.is_fsdp_enabled,
+      "wrapped:", type(trainer.model_wrapped).__name__)
 trainer.accelerator.end_training()
 '''
 
 
-@pytest.mark.parametrize("vsa", ["off", "on"])
-def test_fsdp_from_the_accelerate_configuration_is_refused_as_fsdp_in_the_arguments(tmp_path, vsa):
-    # `accelerate launch --use_fsdp` sets FSDP up without TrainingArguments.fsdp, which the arguments'
-    # check never sees: the trainer refuses it with the same reason. Switched off, the same launch
-    # trains under FSDP2 (the control: FSDP itself runs here, on 2 CPU processes over gloo).
+def test_fsdp_cannot_run_on_cpu_through_accelerate(tmp_path):
+    # Why FSDP is refused and not tested here: accelerate sets FSDP up only for accelerator devices
+    # (MULTI_GPU, XPU, NPU, ...); a 2-process CPU launch asking for it (accelerate launch --use_fsdp
+    # --fsdp_version 2) silently trains with DDP instead. If a version of accelerate ever runs FSDP on CPU,
+    # this fails: then FSDP can be tested here, and VSATrainer refuses it (the test below) until supported.
     script = tmp_path / "fsdp_run.py"
     script.write_text(FSDP_SCRIPT.format(scripts=str(SCRIPT.parents[1]), out=str(tmp_path / "run")))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(script), vsa]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if vsa == "off":
-        assert done.returncode == 0, done.stderr[-4000:]
-        assert "trained under FSDP: True" in done.stdout
-    else:
-        assert done.returncode != 0
-        assert "FSDP (from the accelerate configuration" in done.stderr
-        assert "supported: single process and DDP" in done.stderr
+           "--main_process_port", str(free_port()), str(script)]
+    done = run_launch(cmd)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "distributed: MULTI_CPU fsdp: False wrapped: DistributedDataParallel" in done.stdout, done.stdout[-2000:]
+
+
+def test_fsdp_from_the_accelerate_configuration_is_refused(tmp_path, monkeypatch):
+    # `accelerate launch --use_fsdp` (on GPUs) sets FSDP up without TrainingArguments.fsdp, which the
+    # arguments' check never sees; the trainer reads what the Trainer found (is_fsdp_enabled). CPU
+    # accelerate never reports FSDP (above), so here the Trainer's own finding is made to say so.
+    from transformers import Trainer
+    from conftest import make_dataset, make_model
+    from hf_vsa import VSATrainer, VSATrainingArguments
+    setup = Trainer.create_accelerator_and_postprocess
+
+    def with_fsdp(self):
+        setup(self)
+        self.is_fsdp_enabled = True
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", with_fsdp)
+    args = VSATrainingArguments(output_dir=str(tmp_path), max_steps=2, use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match=r"FSDP \(from the accelerate configuration.*supported: single process and DDP"):
+        VSATrainer(model=make_model(), args=args, train_dataset=make_dataset(16))
+    off = VSATrainingArguments(output_dir=str(tmp_path), max_steps=2, use_cpu=True, report_to="none", vsa_enabled=False)
+    VSATrainer(model=make_model(), args=off, train_dataset=make_dataset(16))  # switched off: the Trainer's business
