@@ -259,14 +259,15 @@ class CompressedHistory:
         what weighted_sum reads for it (for vsa: unbound from its bundle, with the others' crosstalk)."""
         return self.weighted_sum({k: 1.0}, [i], padded=True)[0]
 
-    def records(self, i, slots):
+    def records(self, i, slots, at=None):
         """[len(slots), blocks * block] the records of tensor i in `slots`, each as decode() reads it,
         decoded together (one unpack per tensor, not one per record: the AR fit reads them all at
         every refit, and on a model of a few hundred tensors the per-record calls cost more than
-        the arithmetic)."""
+        the arithmetic). `at`: `slots` as an index tensor on the tensor's device, if the caller has one."""
         if self.kind == "vsa":  # unbinding reads each record's bundle and key
             return torch.stack([self.decode(i, k) for k in slots])
-        at = torch.tensor(slots, device=self.codes[i].device)
+        if at is None or at.device != self.codes[i].device:
+            at = torch.tensor(slots, device=self.codes[i].device)
         if self.kind == "none":
             return self.codes[i][at]
         r = unpack(self.codes[i][at], self.bits).view(len(slots), -1, self.block) * self.scales[i][at][:, :, None]
@@ -278,9 +279,10 @@ class CompressedHistory:
     def gram(self, index, slots):
         """[len(index), n, n] float64 inner products of each tensor's records in `slots` (order kept).
         One tensor's n records are decoded at a time: peak memory n times the largest tensor."""
-        out = []
+        out, slots = [], list(slots)
+        at = torch.tensor(slots, device=self.params[0].device)  # one index copy for all tensors, not one each
         for i in index:
-            r = self.records(i, list(slots))
+            r = self.records(i, slots, at)
             out.append((r @ r.T).double())
         return torch.stack(out)
 

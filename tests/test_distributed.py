@@ -103,7 +103,6 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path):
     assert t.vsa.controller.step == 16
 
 
-
 FSDP_SCRIPT = '''
 import sys
 sys.path.insert(0, {scripts!r})
