@@ -355,6 +355,8 @@ def parse(argv):
     a = p.parse_args(argv)
     if a.grad_accum < 1:
         p.error(f"--grad_accum must be >= 1, got {a.grad_accum}")
+    if a.warmup_steps < 0:
+        p.error(f"--warmup_steps must be >= 0 (0: no warm-up), got {a.warmup_steps}")
     defaults = dict(TASKS[a.task][1])
     if a.grad_accum > 1:  # twice the task's examples, in about ten evaluations that end on the last step
         steps = -(-2 * defaults["steps"] // a.grad_accum)
