@@ -15,10 +15,15 @@ import argparse
 import json
 import os
 import platform
+import random
 import sys
+import threading
 import time
 
+import numpy as np
+
 import torch
+from accelerate.state import GradientState
 from transformers import Trainer, TrainerCallback, set_seed
 
 from hf_vsa import VSATrainer, VSATrainingArguments
@@ -48,32 +53,96 @@ def rss_bytes():
 
 
 class StepClock(TrainerCallback):
-    """Per optimizer step: wall time since the previous step ended, evaluation time excluded;
-    peak memory over the run's steps (RSS sampled at step ends; CUDA: max allocated)."""
+    """Per optimizer step: wall time since the previous step ended, evaluation time excluded (and,
+    in lockstep, the time spent waiting for the other runs' turns); peak memory over the run's steps
+    (RSS sampled at step ends; CUDA: max allocated)."""
 
-    def __init__(self):
+    def __init__(self, baton=None, turn=None):
         self.steps, self.evals, self.mark, self.eval_time, self.train_time = [], [], None, 0.0, 0.0
         self.peak_rss = 0
+        self.baton, self.turn, self.waited = baton, turn, 0.0
 
     def on_train_begin(self, args, state, control, **kw):
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and self.baton is None:
             torch.cuda.reset_peak_memory_stats()
         self.mark = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kw):
+        if self.baton is not None:  # lockstep: the other runs take their turn, one step each
+            t = time.perf_counter()
+            self.baton.hand_over(self.turn)
+            self.waited += time.perf_counter() - t
 
     def on_step_end(self, args, state, control, **kw):
         self.peak_rss = max(self.peak_rss, rss_bytes())
         now = time.perf_counter()
-        dt = now - self.mark - self.eval_time
+        dt = now - self.mark - self.eval_time - self.waited
         self.train_time += dt
         self.steps.append(dt)
-        self.mark, self.eval_time = now, 0.0
+        self.mark, self.eval_time, self.waited = now, 0.0, 0.0
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         if self.mark is None:  # the evaluation before training: step 0, wall 0
             self.evals.append({"step": 0, "wall": 0.0, "eval_loss": metrics["eval_loss"]})
             return
-        self.eval_time += time.perf_counter() - self.mark - self.eval_time
+        self.eval_time += time.perf_counter() - self.mark - self.eval_time - self.waited
         self.evals.append({"step": state.global_step, "wall": self.train_time, "eval_loss": metrics["eval_loss"]})
+
+
+def _global_state():
+    """What training reads from process-wide state: the RNGs (the Trainer's sampler and dropout draw
+    from them) and accelerate's GradientState, which every Accelerator shares (sync flag, number of
+    accumulation steps, the active dataloader)."""
+    shared = {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+              for k, v in GradientState._shared_state.items()}
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(), "random": random.getstate(), "gradient_state": shared}
+
+
+def _set_global_state(g):
+    torch.set_rng_state(g["torch"])
+    if g["cuda"] is not None:
+        torch.cuda.set_rng_state_all(g["cuda"])
+    np.random.set_state(g["numpy"])
+    random.setstate(g["random"])
+    GradientState._shared_state.clear()
+    GradientState._shared_state.update(g["gradient_state"])
+
+
+class Baton:
+    """Lockstep: the runs of one seed, each in its own thread, take turns of one optimizer step, so
+    that all of them meet the same machine. On a shared 2-core CPU the speed drifts by up to 20%
+    between runs minutes apart (the plain Trainer against itself, run after the others: 0.82x to
+    1.08x per step); turns of one step each see the same drift. Only the holder runs; each turn saves
+    the process-wide state training reads (_global_state) at its end and restores it at its start,
+    so every run follows the trajectory it follows alone (the quick-benchmark test checks it)."""
+
+    def __init__(self, n):
+        self.cond = threading.Condition()
+        self.turn, self.done, self.saved = 0, [False] * n, [None] * n
+
+    def save(self, i):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # this turn's kernels end inside it
+        self.saved[i] = _global_state()
+
+    def take(self, i):
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == i)
+        _set_global_state(self.saved[i])
+
+    def give(self, i, finished=False):
+        self.save(i)
+        with self.cond:
+            self.done[i] = finished
+            n = len(self.done)
+            nxt = next((j % n for j in range(i + 1, i + 1 + n) if not self.done[j % n]), None)
+            self.turn = i if nxt is None else nxt
+            self.cond.notify_all()
+
+    def hand_over(self, i):
+        self.give(i)
+        self.take(i)
 
 
 def _without_tokenizer(task):
@@ -148,6 +217,43 @@ def run_one(name, overrides, a):
     trainer = make_trainer(name, overrides, a, [clock])
     trainer.evaluate()  # step-0 eval loss; also warms up the evaluation path outside the clock
     trainer.train()
+    return record(name, overrides, trainer, clock)
+
+
+def run_lockstep(names, configs, a):
+    """Every config of one seed at once, one thread each, taking turns of one optimizer step (Baton).
+    Peak memory is the process's, shared by all of them: not recorded per run."""
+    baton = Baton(len(names))
+    built = []
+    for i, n in enumerate(names):
+        clock = StepClock(baton, i)
+        built.append((make_trainer(n, configs[n], a, [clock]), clock))
+        baton.save(i)  # the state its run starts from, as when it runs alone right after make_trainer
+    runs, errors = [None] * len(names), []
+
+    def body(i):
+        baton.take(i)
+        try:
+            trainer, clock = built[i]
+            trainer.evaluate()
+            trainer.train()
+            runs[i] = record(names[i], configs[names[i]], trainer, clock, lockstep=True)
+        except BaseException as e:  # re-raised below, after the other runs have ended
+            errors.append(e)
+        finally:
+            baton.give(i, finished=True)
+    threads = [threading.Thread(target=body, args=(i,), name=f"bench-{n}") for i, n in enumerate(names)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return runs
+
+
+def record(name, overrides, trainer, clock, lockstep=False):
+    """A finished run's measurements, as the JSON keeps them."""
     engine = getattr(trainer, "vsa", None)  # None: the plain Trainer, or VSATrainer with vsa_enabled=False
     if engine is not None:
         engine.refresh_noise(decide=False)  # the noise estimate at the end, for the record below
@@ -159,7 +265,7 @@ def run_one(name, overrides, a):
     return {"name": name, "overrides": overrides, "step_wall": clock.steps, "phase": phases,
             "train_loss": losses, "evals": clock.evals, "train_wall": clock.train_time,
             "final_eval_loss": clock.evals[-1]["eval_loss"], "backward_fraction": backward / len(clock.steps),
-            "peak_rss_bytes": clock.peak_rss,
+            "peak_rss_bytes": None if lockstep else clock.peak_rss,
             "prediction_cosine_mean": vsa.get("vsa/prediction_cosine_mean"),
             "state_memory_ratio": vsa.get("vsa/state_memory_ratio"),
             "state_memory_peak_ratio": vsa.get("vsa/state_memory_peak_ratio"),
@@ -171,7 +277,8 @@ def run_one(name, overrides, a):
             # per block, at the end: the drop probabilities in use and the measured lag-1 gradient cosines
             "block_drop": list(engine.drop) if engine else None,
             "block_consistency": engine.consistency.mean[:-1].tolist() if engine else None,  # host sync: once
-            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
+            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() and not lockstep
+            else None}
 
 
 def time_to(run, target):
@@ -247,7 +354,7 @@ def summarize(runs):
             "whole_steps": r.get("whole_steps", 0), "steps": len(r["step_wall"]),
             "backward_fraction": r["backward_fraction"],
             "train_wall": r["train_wall"],
-            "peak_rss_gb": r["peak_rss_bytes"] / 2**30,
+            "peak_rss_gb": None if r["peak_rss_bytes"] is None else r["peak_rss_bytes"] / 2**30,
             "prediction_cosine_mean": r.get("prediction_cosine_mean"),
             "state_memory_ratio": r.get("state_memory_ratio"),
             "cuda_max_allocated_gb": None if r["cuda_max_allocated_bytes"] is None else r["cuda_max_allocated_bytes"] / 2**30,
@@ -263,10 +370,11 @@ def print_table(summary):
         ttt = "not reached" if r["time_to_target_ratio"] is None else f"{r['time_to_target_ratio']:.2f}x"
         same = r.get("vs_trainer_at_same_wall")
         ratio = r.get("batch_over_noise_scale")
+        rss = "-" if r["peak_rss_gb"] is None else f"{r['peak_rss_gb']:.2f}"  # lockstep: not per run
         print(f"{r['name']:<16}{r['step_time_ratio']:>11.2f}x{ttt:>16}{r['final_eval_loss']:>12.4f}"
               f"{r['eval_loss_vs_trainer']:>+11.1%} {'-' if same is None else f'{same:+.1%}':>16}"
               f"{r['backward_fraction']:>10.2f}{r.get('whole_steps', 0):>7}{'-' if ratio is None else f'{ratio:.2f}':>11}"
-              f"{r['train_wall']:>9.1f}{r['peak_rss_gb']:>13.2f}"
+              f"{r['train_wall']:>9.1f}{rss:>13}"
               + ("" if r["cuda_max_allocated_gb"] is None else f"  CUDA max {r['cuda_max_allocated_gb']:.2f} GB"))
 
 
@@ -348,6 +456,9 @@ def parse(argv):
                    help="untimed plain-Trainer steps run first in the process, so that no timed run pays the "
                         "process's cold start alone (measured: the first Trainer run of a process took up to "
                         "1.5x the time of the same run repeated later); 0: none")
+    p.add_argument("--lockstep", action="store_true",
+                   help="run a seed's configs at once, taking turns of one optimizer step, so that all of them meet "
+                        "the same machine speed (timing noise on shared CPUs); peak memory is then not recorded")
     p.add_argument("--quick", action="store_true", help="smoke test: 12 steps, 64 eval examples")
     p.add_argument("--out", default="bench_out/benchmark.json")
     p.add_argument("--workdir", default="bench_out/runs")
@@ -422,7 +533,10 @@ def main(argv=None):
     for seed in a.seeds:
         a.seed = seed
         runs = []
-        for n in names:
+        if a.lockstep:
+            print(f"== {a.task} seed {seed}: {', '.join(names)} in lockstep", flush=True)
+            runs = run_lockstep(names, configs, a)
+        for n in names if not a.lockstep else []:
             print(f"== {a.task} seed {seed}: {n}", flush=True)
             runs.append(run_one(n, configs[n], a))
         per_seed.append({"seed": seed, "summary": summarize(runs), "runs": runs})
