@@ -75,7 +75,9 @@ def benchmark_section(path) -> str:
              "Command: not recorded (written before benchmark.py recorded it; its args: "
              + ", ".join(f"{k}={a[k]}" for k in ("task", "steps", "batch", "lr", "configs") if k in a) + ")",
              "", f"Batch {batch} x {accum} accumulation, {a.get('steps')} Trainer steps; VSATrainer runs "
-             f"{a.get('vsa_steps_factor', 1):g}x the steps." if batch else "", "",
+             f"{a.get('vsa_steps_factor', 1):g}x the steps. " + (
+                 "The configs ran in lockstep (`--lockstep`: turns of one optimizer step)." if a.get("lockstep")
+                 else "The configs ran one after another.") if batch else "", "",
              "| seed | run | step-time ratio | time to Trainer's final eval loss | eval loss vs Trainer, equal steps "
              "| the same, mean of the last 5 evaluations | vs Trainer, equal wall time | backward fraction "
              "| batch / noise scale |",
@@ -99,8 +101,11 @@ def results_md(paths) -> str:
             "Trainer at the task's own batch, without accumulation, over the same examples: the smaller batch a",
             "user could pick instead. `trainer_again` is the plain Trainer run once more after the others, the",
             "A/A control: the same work and the same trajectory, so its ratios against the first run measure",
-            "this machine's timing noise, the yardstick for the other runs' small gaps. Evaluation time is",
-            "excluded from every wall time.", ""]
+            "this machine's timing noise, the yardstick for the other runs' small gaps. With `--lockstep` the",
+            "configs of a seed run at once, one thread each, taking turns of one optimizer step, so that all of",
+            "them meet the same machine speed (the RNGs and accelerate's shared state are swapped at each turn:",
+            "every run follows the trajectory it follows alone); there `trainer_again` runs alongside the others.",
+            "Evaluation time is excluded from every wall time.", ""]
     return "\n".join(head) + "\n" + "\n".join(benchmark_section(p) for p in paths)
 
 

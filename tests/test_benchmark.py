@@ -39,6 +39,29 @@ def test_quick_benchmark_writes_measured_ratios(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_lockstep_runs_follow_the_trajectories_they_follow_alone(tmp_path):
+    # Lockstep runs a seed's configs in threads taking turns of one step; each turn restores the RNGs and
+    # accelerate's shared GradientState it left. Accumulation on (the default and the Trainer: 2 micro-batches)
+    # next to trainer_small (1): runs whose shared state differs.
+    data = {}
+    for mode in ("alone", "lockstep"):
+        out = tmp_path / f"{mode}.json"
+        done = subprocess.run([sys.executable, str(SCRIPTS / "benchmark.py"), "--quick", "--grad_accum", "2",
+                               "--configs", "trainer,default,trainer_small", "--warmup_steps", "0", "--out", str(out),
+                               "--workdir", str(tmp_path / mode)] + (["--lockstep"] if mode == "lockstep" else []),
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        data[mode] = json.loads(out.read_text())["seeds"][0]
+    for alone, lock in zip(data["alone"]["runs"], data["lockstep"]["runs"]):
+        assert lock["name"] == alone["name"]
+        assert lock["train_loss"] == alone["train_loss"] and lock["phase"] == alone["phase"], lock["name"]
+        assert [e["eval_loss"] for e in lock["evals"]] == [e["eval_loss"] for e in alone["evals"]], lock["name"]
+        assert len(lock["step_wall"]) == len(alone["step_wall"]) and min(lock["step_wall"]) > 0
+        assert lock["peak_rss_bytes"] is None  # one process for all runs: not a per-run figure
+    rows = data["lockstep"]["summary"]["rows"]
+    assert rows[0]["step_time_ratio"] == 1.0 and all(r["step_time_ratio"] > 0 for r in rows)
+
+
 def test_quick_memory_benchmark_measures_every_kind_against_none(tmp_path):
     out = tmp_path / "m.json"
     done = subprocess.run([sys.executable, str(SCRIPTS / "diagnostics" / "bench_memory.py"), "--quick", "--seeds", "0",
