@@ -122,7 +122,8 @@ class VSAArguments:
                           "vsa_tolerance, by the steps-vs-batch law S(B) = S_min (1 + B_noise / B) "
                           "(McCandlish et al. 2018) with B_noise measured during the run (vsa/noise_scale). At "
                           "least 2 in one process, 1 per rank under DDP (two gradients measure the noise scale); "
-                          "all K during WARMUP; revisited at each FULL or PREDICT block start and CORRECT step. The "
+                          "all K until two steps have measured it, then revisited at each WARMUP step, each FULL or "
+                          "PREDICT block start and CORRECT step. The "
                           "skipped micro-batches' examples are loaded but not trained on."},
     )
     vsa_tolerance: float = field(

@@ -12,7 +12,7 @@ import torch
 from .blocks import BlockDrop
 from .compress import TernaryAccumulator
 from .controller import WORTH_WINDOW, Phase, PhaseController, whole_step_pays
-from .accumulation import AdaptiveAccumulation
+from .accumulation import MIN_MEASURED, AdaptiveAccumulation
 from .noise import NoiseScale
 from .predictor import GradientPredictor
 from .probe import Probe
@@ -139,6 +139,11 @@ class VSAEngine:
                 self.decide_whole()
             elif self.phase is Phase.FULL and self.controller.at_block_start:
                 self.refresh_noise()
+            elif self.phase is Phase.WARMUP and self.micro.enabled and self.noise.measured >= MIN_MEASURED:
+                # Early in training the mean dominates the gradient (the noise scale grows as the loss
+                # falls), so the micro-batches are decided from the second measured step on, not after
+                # the predictor's warm-up: a batch ramp from measurement. At WARMUP steps only.
+                self.refresh_noise()
             if self.phase is Phase.PREDICT and self.backed_off:
                 # Neither a whole-step nor a partial PREDICT step pays, as measured: a backprop step,
                 # recorded like a FULL one; the block's CORRECT steps go on measuring the predictions.
@@ -249,11 +254,11 @@ class VSAEngine:
     def refresh_noise(self, decide=True):
         """The noise estimate (kappa, noise scale, batch over it) into host values; with `decide`, also
         the micro-batches adaptive accumulation computes from now on (at block starts and CORRECT
-        steps only, so that logging never changes training; all K during WARMUP). A collective under DDP and a host sync:
-        every rank calls it at the same points."""
+        steps only, and at each WARMUP step once the noise scale is measured, so that logging never changes
+        training). A collective under DDP and a host sync: every rank calls it at the same points."""
         self.noise_estimate = self.noise.estimate(self.reduce_mean)
         self.kappa = self.noise_estimate[0]
-        if decide and self.controller.block is not Phase.WARMUP:
+        if decide and self.noise.measured >= MIN_MEASURED:
             self.micro.decide(self.noise_estimate[1])
 
     def decide_whole(self):
