@@ -130,7 +130,10 @@ class VSAArguments:
         default=0.05,
         metadata={"help": "The fraction of extra optimizer steps to a given loss that each measured skip may "
                           "cost (> 0): adaptive accumulation's fewer micro-batches (by the noise scale), and "
-                          "whole-step PREDICT (by the predictions' measured worth against a backward)."},
+                          "whole-step PREDICT (by the predictions' measured worth against a backward). The cost is the "
+                          "steps-versus-batch law's estimate from the measured noise scale; with a fixed learning "
+                          "rate and Adam the runs measured need more (docs/method.md, 'What bounds the gain at "
+                          "large batch')."},
     )
     vsa_whole_step: bool = field(
         default=True,

@@ -86,6 +86,51 @@ def benchmark_section(path) -> str:
         late = _late(s)
         for row in s["summary"]["rows"]:
             lines.append("| " + " | ".join([str(s["seed"]), row["name"], *_row_cells(row, late[row["name"]])]) + " |")
+    tolerance = tolerance_table(path)
+    return "\n".join(lines) + "\n" + ("" if tolerance is None else "\n" + tolerance)
+
+
+def tolerance_table(path):
+    """Where one file ran VSATrainer at several vsa_tolerance values: each tolerance's mean over the
+    seeds (the trade between time and equal-step loss that the argument sets); None otherwise."""
+    from hf_vsa import VSATrainingArguments
+    default = VSATrainingArguments.__dataclass_fields__["vsa_tolerance"].default
+    d = json.load(open(path))
+    per = {}  # tolerance -> [(summary row, late-eval figure, steps to the Trainer's final eval loss)] over seeds
+    for s in d["seeds"]:
+        late, rows = _late(s), {r["name"]: r for r in s["summary"]["rows"]}
+        base = s["runs"][0]
+        for run in s["runs"]:
+            if isinstance(run.get("overrides"), dict) and set(run["overrides"]) <= {"vsa_tolerance"}:
+                tol = run["overrides"].get("vsa_tolerance", default)
+                steps = next((e["step"] for e in run["evals"] if e["eval_loss"] <= base["final_eval_loss"]), None)
+                per.setdefault(tol, []).append((rows[run["name"]], late[run["name"]],
+                                                None if steps is None else steps / len(base["step_wall"])))
+    if len(per) < 2:
+        return None
+
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return sum(xs) / len(xs) if xs else None
+    every = d.get("args", {}).get("eval_every")
+    lines = [f"`vsa_tolerance` on `{os.path.relpath(path, ROOT)}`: the mean over its {len(d['seeds'])} seeds "
+             "(time and steps to the Trainer's final eval loss: over the seeds that reached it; steps to the "
+             "first evaluation at or below it" + (f", made every {every} steps" if every else "") + ", over the "
+             "Trainer's steps: the steps-versus-batch law, with the noise scale as measured, allows "
+             "1 + vsa_tolerance).", "",
+             "| vsa_tolerance | per-step speed | time to the Trainer's final eval loss | optimizer steps to it "
+             "| eval loss vs Trainer, equal steps | the same, mean of the last 5 evaluations | at equal wall time |",
+             "|---|---|---|---|---|---|---|"]
+    for tol in sorted(per):
+        rows, lates, steps = ([x[j] for x in per[tol]] for j in range(3))
+        reached = [r["time_to_target_ratio"] for r in rows if r.get("time_to_target_ratio") is not None]
+        ttt = "not reached" if not reached else _fmt(mean(reached), "x") + (
+            f" ({len(reached)} of {len(rows)} reached)" if len(reached) < len(rows) else "")
+        lines.append(f"| {tol:g}{' (default)' if tol == default else ''} | "
+                     f"{_fmt(mean([r.get('step_time_ratio') for r in rows]), 'x')} | {ttt} | "
+                     f"{'-' if mean(steps) is None else _fmt(mean(steps), 'x')} | "
+                     f"{_fmt(mean([r.get('eval_loss_vs_trainer') for r in rows]), 'pct')} | {_fmt(mean(lates), 'pct')} | "
+                     f"{_fmt(mean([r.get('vs_trainer_at_same_wall') for r in rows]), 'pct')} |")
     return "\n".join(lines) + "\n"
 
 

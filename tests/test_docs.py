@@ -1,4 +1,5 @@
 """The generated documentation is current, and the README is what a newcomer reads in five minutes."""
+import json
 import sys
 from pathlib import Path
 
@@ -48,3 +49,36 @@ def test_every_local_link_and_picture_in_the_docs_exists():
             if "://" in target or target.startswith("mailto:"):
                 continue
             assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
+
+
+def test_tolerance_table_averages_each_tolerance_over_the_seeds(tmp_path):
+    # A file that ran VSATrainer at two vsa_tolerance values (the default, {}; and 0.2) on two seeds,
+    # summarized by the benchmark's own code: one row per tolerance, the seeds' mean.
+    from benchmark import summarize
+
+    def run(name, overrides, losses, wall_per_step):
+        evals = [{"step": 2 * i, "wall": 2 * i * wall_per_step, "eval_loss": x} for i, x in enumerate(losses)]
+        return {"name": name, "overrides": overrides, "step_wall": [wall_per_step] * 2 * (len(losses) - 1),
+                "evals": evals, "train_wall": evals[-1]["wall"], "final_eval_loss": losses[-1],
+                "examples_per_step": 8, "backward_fraction": 1.0, "peak_rss_bytes": None,
+                "cuda_max_allocated_bytes": None}
+    seeds = []
+    for seed, slower in ((0, 1.0), (1, 2.0)):
+        runs = [run("trainer", None, [2.0, 1.5, 1.2, 1.0], 1.0),
+                run("default", {}, [2.0, 1.4, 1.1, 1.0], 0.5 * slower),
+                run("loose", {"vsa_tolerance": 0.2}, [2.0, 1.6, 1.3, 1.1], 0.25)]
+        seeds.append({"seed": seed, "summary": summarize(runs), "runs": runs})
+    path = tmp_path / "large_batch_x.json"
+    path.write_text(json.dumps({"task": "x", "seeds": seeds}))
+    table = docs.tolerance_table(str(path))
+    rows = [line for line in table.splitlines() if line.startswith("| 0.")]
+    assert len(rows) == 2 and rows[0].startswith("| 0.05 (default) |") and rows[1].startswith("| 0.2 |")
+    # the default: per step 2x on seed 0 and 1x on seed 1 (mean 1.50x); the Trainer's 1.0 reached at
+    # step 6 (the Trainer's steps: 1.00x), 3 s and 6 s of the Trainer's 6 s (mean 0.75x); the loose run never reaches it
+    assert "| 1.50x | 0.75x | 1.00x |" in rows[0] and "| 4.00x | not reached | - |" in rows[1]
+    assert "| +10.0% |" in rows[1]  # final evaluation at equal steps, 1.1 against 1.0
+    # a file with one tolerance gets no such table
+    seeds[0]["runs"] = seeds[0]["runs"][:2]
+    seeds[1]["runs"] = seeds[1]["runs"][:2]
+    path.write_text(json.dumps({"task": "x", "seeds": seeds}))
+    assert docs.tolerance_table(str(path)) is None
