@@ -281,12 +281,15 @@ def record(name, overrides, trainer, clock, lockstep=False):
             else None}
 
 
+def reached(run, target):
+    """The run's first evaluation at or below target (its step, wall and eval loss), or None."""
+    return next((e for e in run["evals"] if e["eval_loss"] <= target), None)
+
+
 def time_to(run, target):
     """Training wall time of the first evaluation at or below target, or None."""
-    for e in run["evals"]:
-        if e["eval_loss"] <= target:
-            return e["wall"]
-    return None
+    e = reached(run, target)
+    return None if e is None else e["wall"]
 
 
 def loss_at_wall(run, wall):
