@@ -30,7 +30,7 @@ class AdaptiveAccumulation:
         """`noise_scale`: B_noise in examples (NaN: not measured, keeps all K)."""
         if self.enabled:
             noise = noise_scale / (self.batch * self.world)  # in micro-batches over all ranks
-            fewest = 2 if self.world == 1 else 1  # two gradients a step keep the noise scale measured
+            fewest = 2  # two computed micro-batches a step keep the noise scale measured (noise.py)
             self.target = micro_batches_needed(noise, self.accum, fewest, self.tolerance)
 
     def take(self, last: bool) -> bool:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .compress import mix_seed
+from .flat import Windows, host_list
 
 
 def find_blocks(model) -> list:
@@ -115,54 +116,34 @@ def drop_probabilities(kappa, base: float, sizes):
 class Consistency:
     """Per block, how alike its gradients are from one backprop step to the next: the running mean
     (over the last few measurements) of the cosine between consecutive backprop steps' gradients
-    (of the whole block), estimated on a fixed random sample of each tensor's elements (at most
-    SAMPLE, drawn with a local generator from `seed`: the same on every rank and resume, so never
-    saved), scaled by its size. Not a strided view: on a weight matrix a stride can fall on a
-    handful of columns, whose gradients are not typical.
+    (of the whole block), estimated on a fixed sample of each tensor (flat.Windows: at most SAMPLE
+    elements in a few contiguous windows at seeded offsets, the same on every rank and resume, so
+    never saved), scaled by its size. A window holds whole rows of a weight matrix, so it covers
+    every column (a strided sample can fall on a handful of columns, whose gradients are not typical).
+    Gathered as one cat of views and summed per block as one segment sum: the ops do not grow with
+    the number of tensors or blocks.
     Measured only where two backprop steps follow each other (WARMUP, FULL blocks): a PREDICT step
     in between has no full gradient. Tensors only, on the parameters' device; no host sync."""
 
     def __init__(self, groups, device, seed=0):
         self.groups = groups  # per block, its trainable tensors
-        self.index = []  # per tensor (in block order): the sampled flat indices, or None (the whole tensor)
-        # Each sampled element stands for numel/SAMPLE of its tensor: scaled by the square root of that,
-        # the sample's inner products estimate the whole block's, in which a weight matrix outweighs a
-        # bias or norm vector by its size (unscaled, a 384-element bias would count as much as a
-        # 147k-element matrix's 1024 samples, and biases' gradients are far more alike step to step).
-        self.scale = []
-        for k, group in enumerate(groups):
-            for j, p in enumerate(group):
-                if p.numel() <= SAMPLE:
-                    self.index.append(None)
-                    self.scale.append(1.0)
-                    continue
-                gen = torch.Generator().manual_seed(mix_seed(seed, 5, k, j))  # host generator: same everywhere
-                self.index.append(torch.randint(p.numel(), (SAMPLE,), generator=gen).sort().values.to(device))
-                self.scale.append((p.numel() / SAMPLE) ** 0.5)
-        self.sizes = [sum(min(p.numel(), SAMPLE) for p in g) for g in groups]
-        self.prev = torch.zeros(sum(self.sizes), device=device)  # the last backprop step's sample
+        tensors = [p for g in groups for p in g]
+        owner = [k for k, g in enumerate(groups) for _ in g]
+        self.windows = Windows(tensors, SAMPLE, seed, 5, groups=owner) if tensors else None
+        n = self.windows.numel if tensors else 0
+        self.prev = torch.zeros(n, device=device)  # the last backprop step's sample
         self.mean = torch.zeros(len(groups), dtype=torch.float64, device=device)
         self.prev_step = -2  # the optimizer step self.prev was read at
         self.measured = 0  # measurements so far
 
-    def _sample(self):
-        parts = []
-        tensors = (p for group in self.groups for p in group)
-        for p, index, scale in zip(tensors, self.index, self.scale):
-            if p.grad is None:  # frozen by the user: a sample of zeros, not a whole zero tensor
-                parts.append(self.prev.new_zeros(p.numel() if index is None else len(index)))
-                continue
-            g = p.grad.reshape(-1)
-            parts.append((g if index is None else g[index]).float() * scale)
-        return torch.cat(parts)
-
     def update(self, step: int):
         """After the backward of optimizer step `step` (gradients synchronised and accumulated)."""
-        x = self._sample()
+        if self.windows is None:
+            return
+        x = self.windows.grads()
         if step == self.prev_step + 1:
-            dots = torch.stack([s.sum() for s in (x * self.prev).split(self.sizes)]).double()
-            norms = torch.stack([s.sum() for s in (x * x).split(self.sizes)]).double()
-            prev = torch.stack([s.sum() for s in (self.prev * self.prev).split(self.sizes)]).double()
+            sums = self.windows.segment_sum(torch.stack([x * self.prev, x * x, self.prev * self.prev]))
+            dots, norms, prev = sums
             cos = dots / (norms * prev).sqrt().clamp_min(1e-30)
             # An overflowed (fp16) or empty gradient measures nothing: keep the mean.
             cos = torch.where(cos.isfinite() & (norms * prev > 0), cos, self.mean)
@@ -219,6 +200,11 @@ class BlockDrop:
         # backprop steps (always, so a checkpoint holds it whatever vsa_adaptive_block_drop says).
         self.groups = owned + [sorted(exact)] if owned else []
         self.group_sizes = [sum(params[i].numel() for i in g) for g in self.groups]
+        owner = [len(self.groups)] * len(params)  # per tensor its group; len(groups): none
+        for k, g in enumerate(self.groups):
+            for i in g:
+                owner[i] = k
+        self.owner = torch.tensor(owner, dtype=torch.long).to(params[0].device)
         self.consistency = Consistency([[params[i] for i in g] for g in self.groups], params[0].device, seed)
         self.drop = [base] * len(self.blocks)
 
@@ -226,22 +212,28 @@ class BlockDrop:
         if self.skip is not None:
             self.skip.remove()
 
-    def refresh(self, noise, reduce_mean):
-        """The drop probabilities for the PREDICT block that starts: drop_probabilities of each group's
-        mean share where vsa_adaptive_block_drop is on and something is measured, else vsa_block_drop.
-        The mean's share comes from the micro-batch gradients' noise scale (`noise`) where a step has
-        two or more (it tells noise from a deterministic oscillation, which also makes the lag-1 cosine
-        low), else from the lag-1 cosine. Host sync, once per cycle; averaged over processes
-        (`reduce_mean`) so that every rank skips the same blocks."""
-        self.drop = [self.base] * len(self.blocks)
+    def shares(self, noise):
+        """Each group's mean share of its gradient (a device tensor), from the micro-batch gradients'
+        noise scale (`noise`) where a step has two or more (it tells noise from a deterministic
+        oscillation, which also makes the lag-1 cosine low), else from the lag-1 cosine; None where
+        the rates are not measured (no block, or vsa_adaptive_block_drop off). Rank-local: the engine
+        averages it over processes before rates(), so that every rank skips the same blocks."""
         if not (self.blocks and self.adaptive):
-            return
-        share = noise.group_share(self.groups, reduce_mean)
-        if share is None:
-            if not self.consistency.measured:
-                return
-            share = reduce_mean(self.consistency.mean)
-        self.drop = drop_probabilities(share, self.base, self.group_sizes).tolist()
+            return None
+        share = noise.group_share(self.owner, len(self.groups))
+        return self.consistency.mean if share is None else share
+
+    def rates(self, share):
+        """The drop probabilities from the groups' (averaged) shares, on the device."""
+        return drop_probabilities(share, self.base, self.group_sizes)
+
+    def refresh(self, rates):
+        """The drop probabilities for the PREDICT block that starts: the measured `rates` (host floats,
+        posted a backprop step earlier) where vsa_adaptive_block_drop is on and they were measured
+        (None: not), else vsa_block_drop."""
+        self.drop = [self.base] * len(self.blocks)
+        if self.blocks and self.adaptive and rates is not None:
+            self.drop = [float(r) for r in rates]
 
     @property
     def skips_none(self) -> bool:
@@ -252,6 +244,6 @@ class BlockDrop:
         """The tensors of the blocks skipped at optimizer step `step` (block k with probability drop[k],
         drawn from (seed, step): the same on every rank, micro-batch and resume); arms the skip hooks."""
         gen = torch.Generator().manual_seed(mix_seed(self.seed, 3, step))
-        u = torch.rand(len(self.blocks), generator=gen).tolist()  # host tensor: no device sync
+        u = host_list(torch.rand(len(self.blocks), generator=gen))  # host generator: no device sync
         self.skip.skipped = {k for k in range(len(self.blocks)) if u[k] < self.drop[k]}
         return {i for k in self.skip.skipped for i in self.block_tensors[k]}

@@ -22,13 +22,15 @@ STATE_FILE = "vsa_state.safetensors"
 # predictor may hold a probe's samples, not whole tensors; 7: the probe's sample, drawn from the first gradient;
 # 8: the blocks' gradient consistency and drop probabilities; 9: every trainable tensor tracked (the
 # exact ones too, for whole-step PREDICT), the AR fit's settings, the noise scale and the whole-step decision;
-# 10: the exact tensors' consistency after the blocks', and the admitted predictions' recent worth).
-STATE_VERSION = 10
+# 10: the exact tensors' consistency after the blocks', and the admitted predictions' recent worth;
+# 11: the probe is one flat sample of fixed windows (nothing drawn to save), the values posted for the
+# next decisions (mirror/, cycle_mirror/), the probe's measured gains, non-finite records as a tensor).
+STATE_VERSION = 11
 # Settings whose change makes saved state meaningless.
 STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum", "vsa_compression",
                   "vsa_history_window", "vsa_compression_block", "vsa_ternary_rounding", "vsa_bundle_size",
                   "vsa_probe_fraction", "vsa_ar_order", "vsa_ar_ridge")
-_ENGINE_INTS = ("step", "corrections", "cycle_n", "log_n")
+_ENGINE_INTS = ("step", "corrections", "cycle_n", "log_n", "tensor_measured")
 _ENGINE_TENSORS = ("cosine", "cosine_sum", "tensor_cosine", "tensor_trust")
 # Measured-loss sums and the micro-batch gradient norms differ by rank (each rank sees its own data):
 # saved as one row per rank (float64, so that float32 values round-trip exactly).
@@ -59,9 +61,11 @@ def engine_state(engine, rows=None):
             tensors[f"predictor/{by_name(key, engine.names)}"] = value
         else:
             meta[f"predictor/{key}"] = value
-    if engine.probe is not None:
-        for key, value in engine.probe.state_dict().items():
-            tensors[f"probe/{by_name(key, engine.names)}"] = value
+    for name in ("mirror", "cycle_mirror"):  # the values the next decisions read (posted, not yet read)
+        for key, value in getattr(engine, name).state_dict().items():
+            tensors[f"{name}/{key}"] = value
+    meta["engine/mirror_meta"] = [list(m) for m in engine.mirror_meta]
+    meta["engine/earn"] = list(engine.earn)
     for name in _ENGINE_TENSORS:
         tensors[f"engine/{name}"] = getattr(engine, name)
     tensors["engine/rank_local"] = rank_local(engine)[None] if rows is None else rows
@@ -138,25 +142,13 @@ def load_engine(engine, directory, rank=0, world=1):
                          "off); resume with the saved vsa_min_cosine")
     if not probing and engine.probe is not None:  # saved after the probe ended: full histories
         engine.end_probe(log=False)
-    if engine.probe is not None:  # the sample drawn from the first gradient, if it was drawn
-        index = {n: i for i, n in enumerate(engine.names)}
-        sample = {}
-        for key in tensors:
-            if key.startswith("probe/"):
-                kind, _, name = key[len("probe/"):].partition(".")
-                if name not in index:
-                    raise ValueError(f"{path}: {key} names no trainable parameter of the model")
-                sample[f"{kind}.{index[name]}"] = tensors[key]
-        try:
-            engine.probe.load_state_dict(sample, names=engine.names)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
     try:  # the tensors the state tracks decide the buffers' shapes checked below
         engine.predictor.set_active(meta["predictor/active"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad predictor/active ({type(e).__name__}: {e})") from e
     expected, _ = engine_state(engine)
-    noise = lambda keys: {k for k in keys if not k.startswith("noise/")}  # noqa: E731 (checked on their own below)
+    # (noise/ and the posted values are checked on their own below)
+    noise = lambda keys: {k for k in keys if not k.startswith(("noise/", "mirror/", "cycle_mirror/"))}  # noqa: E731
     missing, unexpected = sorted(noise(expected) - noise(tensors)), sorted(noise(tensors) - noise(expected))
     if missing or unexpected:
         raise ValueError(f"{path}: tensors do not match the model's trainable parameters; "
@@ -247,5 +239,19 @@ def load_engine(engine, directory, rank=0, world=1):
     engine.phase = None if meta["engine/phase"] < 0 else Phase(meta["engine/phase"])
     engine.seconds = {k: float(v) for k, v in meta["engine/seconds"].items()}
     engine.controller.load_state_dict(meta["controller"])
+    for name in ("mirror", "cycle_mirror"):
+        saved = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + "/")}
+        if sorted(saved) not in ([], ["slot0"], ["slot0", "slot1"]) or any(v.ndim != 1 for v in saved.values()):
+            raise ValueError(f"{path}: {name}/ must hold slot0 and slot1 (1-D), got {sorted(saved)}")
+        getattr(engine, name).load_state_dict(saved, dev)
+    mirror_meta, earn = meta.get("engine/mirror_meta"), meta.get("engine/earn")
+    if (not isinstance(mirror_meta, list) or len(mirror_meta) != len(engine.mirror.slots)
+            or not all(isinstance(m, list) and len(m) == 2 for m in mirror_meta)):
+        raise ValueError(f"{path}: engine/mirror_meta must list one [noise measured, consistency measured] per "
+                         f"mirror slot, got {str(mirror_meta)[:80]}")
+    engine.mirror_meta = [tuple(int(x) for x in m) for m in mirror_meta]
+    if not isinstance(earn, list) or len(earn) > WORTH_WINDOW or not all(isinstance(w, (int, float)) for w in earn):
+        raise ValueError(f"{path}: engine/earn must list at most {WORTH_WINDOW} numbers, got {str(earn)[:80]}")
+    engine.earn = [float(w) for w in earn]
     engine.refresh_mask()
     return path

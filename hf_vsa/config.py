@@ -203,15 +203,14 @@ class VSAArguments:
                           "0: never retire."},
     )
     vsa_probe_fraction: float = field(
-        default=0.0625,
-        metadata={"help": "With the gate on (vsa_min_cosine > -1): until CORRECT steps have measured the "
-                          "predictions, the predictor tracks only this fraction of each tensor's blocks (at least 16 "
-                          "blocks; small tensors whole), in [0, 1], drawn at the first record with probability "
-                          "growing with each block's gradient energy (seeded by vsa_seed) and scaled so that "
-                          "cosines over the sample stay unbiased; saved in checkpoints. At the first FULL "
-                          "block after a CORRECT step, the tensors still tracked (not retired by the gate) get a "
-                          "full history, starting then; the others never cost one. 0: full histories from the "
-                          "start."},
+        default=1 / 64,
+        metadata={"help": "With the gate on (vsa_min_cosine > -1): the predictor first runs on a fixed sample of "
+                          "the model, this fraction of each tensor (a few contiguous windows at seeded offsets, at "
+                          "least 4096 elements, small tensors whole), tracked as one flat tensor (a few ops a step "
+                          "whatever the number of tensors). The tensors get a full history only once CORRECT steps "
+                          "measure, on the sample, that the prediction beats the zero gradient (the optimizer "
+                          "coasting on its momentum); until then PREDICT steps give them no update. In [0, 1]; "
+                          "0: full histories from the start."},
     )
     vsa_skip_sparse: bool = field(
         default=True,

@@ -1,8 +1,11 @@
 """VSAEngine: ties the phase controller, the predictor and the run statistics to one model.
 
 VSATrainer calls it at fixed points of each optimizer step; it never calls back into the Trainer.
-Host syncs happen only where marked: at the end of a cycle (adaptive scheduling), at CORRECT
-steps (residual and prediction quality) and at logging steps.
+Host syncs happen only where marked: once per CORRECT step (the prediction's measurements, for the
+gate), once per run where the prediction earns a full history (vsa_skip_sparse), and at logging
+steps. Every decision taken on WARMUP, FULL and PREDICT steps (micro-batches, drop rates, whole-step
+PREDICT, the cycle's loss) reads device values posted a backprop step earlier (flat.Deferred), so
+those steps never wait on the device; the ops they add do not grow with the number of tensors.
 """
 import logging
 import math
@@ -11,7 +14,8 @@ import torch
 
 from .blocks import BlockDrop
 from .compress import TernaryAccumulator
-from .controller import WORTH_WINDOW, Phase, PhaseController, whole_step_pays
+from .controller import WORTH_WINDOW, Phase, PhaseController, lower_bound, whole_step_pays
+from .flat import Deferred
 from .accumulation import MIN_MEASURED, AdaptiveAccumulation
 from .noise import NoiseScale
 from .predictor import GradientPredictor
@@ -58,7 +62,8 @@ class VSAEngine:
         # still tracked after the first cycle's measurements get a full history (end_probe).
         self.probe, self.probe_done = None, False
         if args.vsa_probe_fraction > 0 and args.vsa_min_cosine > -1.0:
-            self.probe = Probe(self.params, args.vsa_probe_fraction, args.vsa_compression_block, args.vsa_seed)
+            self.probe = Probe(self.params, args.vsa_probe_fraction, args.vsa_seed)
+        self.earn = []  # on the probe's sample, at the last CORRECT steps: 1 - |g - p|^2 / |g|^2 (host floats)
         self.predictor = self._new_predictor(self.params if self.probe is None else self.probe.stand_ins)
         self.accumulator = None  # ternary gradient accumulation (gradient_accumulation_steps > 1)
         if args.vsa_ternary_accumulation and args.gradient_accumulation_steps > 1:
@@ -66,6 +71,12 @@ class VSAEngine:
                                                   args.vsa_seed)
         self.micro_batch = 0  # micro-batches with a backward run so far in this optimizer step
         dev = self.params[0].device
+        self._zero = torch.zeros(1, device=dev)  # stands in for a None gradient in per-tensor norms
+        # Device values the decisions read a backprop step later (no host sync): the noise totals and the
+        # blocks' drop rates (posted at every backprop step), the cycles' mean losses (at each cycle's end).
+        self.mirror, self.cycle_mirror = Deferred(), Deferred()
+        self.mirror_meta = []  # host values posted with each mirror slot: (noise measured, consistency measured)
+        self.tensor_measured = 0  # CORRECT steps that measured the full predictor per tensor
         self.phase = None
         self.step = -1  # the optimizer step (Trainer's global_step) self.phase belongs to
         nan = float("nan")
@@ -111,16 +122,15 @@ class VSAEngine:
             order=a.vsa_ar_order, ridge=a.vsa_ar_ridge)
 
     def end_probe(self, log=True):
-        """The probe's measurements are in: the tensors it still tracks (not dropped, not retired) get
-        a full history from now on, starting empty; the others are never tracked in full. The gate's
-        per-tensor cosines, streaks and corrections carry over: they measure the same predictions; so does
-        the count of refused (non-finite) records."""
-        promoted, skipped = list(self.predictor.active), self.predictor.skipped
+        """The prediction earned its place on the probe's sample (earned()): every tensor gets a full
+        history from now on, starting empty (vsa_skip_sparse drops the mostly-zero ones at its first
+        record); the gate then measures each tensor at the CORRECT steps that follow."""
+        skipped = self.predictor.skipped
         self.probe, self.probe_done = None, True
         self.predictor = self._new_predictor(self.params)
-        self.predictor.set_active(promoted)
         self.predictor.skipped = skipped  # a run's count of refused records, not a history's
         self.refresh_mask()
+        promoted = self.predictor.active
         if log:
             logger.info("hf_vsa: step %d: probe done; %d of %d tensors tracked in full from now on: %s", self.step,
                         len(promoted), len(self.params), [self.names[i] for i in promoted])
@@ -139,7 +149,7 @@ class VSAEngine:
                 self.decide_whole()
             elif self.phase is Phase.FULL and self.controller.at_block_start:
                 self.refresh_noise()
-            elif self.phase is Phase.WARMUP and self.micro.enabled and self.noise.measured >= MIN_MEASURED:
+            elif self.phase is Phase.WARMUP and self.micro.enabled:
                 # Early in training the mean dominates the gradient (the noise scale grows as the loss
                 # falls), so the micro-batches are decided from the second measured step on, not after
                 # the predictor's warm-up: a batch ramp from measurement. At WARMUP steps only.
@@ -158,18 +168,27 @@ class VSAEngine:
             # blocks, at the next PREDICT block: its CORRECT steps fill the history).
             c = self.controller
             if (self.probe is not None and c.at_block_start and c.block is not Phase.WARMUP
-                    and (c.block is Phase.FULL or c.full == 0) and (self.corrections or not self.predictor.active)):
+                    and (c.block is Phase.FULL or c.full == 0) and self.earned()):
                 self.end_probe()
         return self.phase
 
+    def earned(self) -> bool:
+        """The prediction is measurably better than the zero gradient on the probe's sample: a lower
+        confidence bound (controller.lower_bound) of 1 - |g - p|^2 / |g|^2 over the recent CORRECT
+        steps is above 0. (E|g - p|^2 = |G - p|^2 + noise and E|g|^2 = |G|^2 + noise, with G the mean
+        gradient: above 0 means p is closer to G than 0 is, the optimizer's coasting on its momentum.)"""
+        bound = lower_bound(self.earn)
+        return bound == bound and bound > 0
+
     def _take_cycle_loss(self) -> float:
-        if self.cycle_n == 0:
-            return math.nan
-        # host sync: once per cycle, at its end; averaged over processes so all ranks agree
-        value = self.reduce_mean(self.cycle_loss / self.cycle_n).item()
-        self.cycle_loss.zero_()
+        """The mean measured loss of the cycle before the one that just ended (NaN before two cycles): the
+        loss of the one that ended is posted now and read at the next cycle's end, so no step waits for it."""
+        mean = self.cycle_loss / self.cycle_n if self.cycle_n else torch.full_like(self.cycle_loss, math.nan)
+        self.cycle_mirror.post(self.reduce_mean(mean))  # averaged over processes so all ranks agree
+        self.cycle_loss = torch.zeros_like(self.cycle_loss)
         self.cycle_n = 0
-        return value
+        value = self.cycle_mirror.read()
+        return math.nan if value is None else value[0]
 
     def note_loss(self, loss, last_micro_batch: bool, factor=1.0):
         """A measured (forward-pass) micro-batch loss, already scaled for accumulation; `factor`
@@ -183,14 +202,40 @@ class VSAEngine:
             self.log_n += 1
 
     def _grads(self, inv_scale=None):
+        """Every tracked tensor's gradient, zeros where it has none (per-tensor ops: the full predictor's)."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if inv_scale is not None:
             grads = torch._foreach_mul(grads, inv_scale)
         return grads
 
+    def _norm_grads(self):
+        """The gradients as read for per-tensor norms: a one-element zero where there is none (no op)."""
+        return [p.grad if p.grad is not None else self._zero for p in self.params]
+
+    def first_micro_batch(self):
+        """After the backward of a backprop step's first computed micro-batch, when more follow."""
+        self.noise.first(self._norm_grads())
+
+    def _post(self):
+        """After a backprop step: the values the next decisions read, posted without a host sync (a
+        collective under DDP: every rank posts at the same points)."""
+        shares = self.dropbp.shares(self.noise)
+        both = self.noise.totals() if shares is None else torch.cat([self.noise.totals(), shares])
+        both = self.reduce_mean(both)
+        drop = self.dropbp.rates(both[2:]) if shares is not None else both[2:]
+        self.mirror.post(torch.cat([both[:2], drop]))
+        self.mirror_meta = (self.mirror_meta + [(self.noise.measured, self.consistency.measured)])[-2:]
+
+    def _read(self):
+        """(values, (noise measured, consistency measured)) of the post before the latest, or None."""
+        values = self.mirror.read()
+        return None if values is None else (values, self.mirror_meta[0])
+
     def refresh_drop(self):
-        """The blocks' drop probabilities for the PREDICT block that starts (BlockDrop.refresh)."""
-        self.dropbp.refresh(self.noise, self.reduce_mean)
+        """The blocks' drop probabilities for the PREDICT block that starts, from the posted rates."""
+        got = self._read()
+        measured = got is not None and (got[1][0] if self.noise.lag1 is None else got[1][1]) > 0
+        self.dropbp.refresh(got[0][2:] if measured else None)
 
     def after_backward(self, grad_scale=None, micro_scale=1.0):
         """Last micro-batch of a backprop step: record the accumulated, synchronised gradient
@@ -199,18 +244,27 @@ class VSAEngine:
             self.consistency.update(self.step)  # a cosine: the fp16 loss scale cancels out
         self.noise.listening = False
         # (a ratio of squared norms: the fp16 loss scale cancels out)
-        self.noise.observe(self.step, self._grads(), computed=self.micro.run, scale=micro_scale)
+        self.noise.observe(self.step, self._norm_grads(), computed=self.micro.run, scale=micro_scale)
+        self._post()
         history = self.predictor.history
         if history is not None and self.controller.records_before_read() >= history.window:
             # A ring of `window` records: this one would be pushed out before anything reads it
             # (the first WARMUP steps, or a FULL block longer than the window), so skip its cost.
             return
-        grads = self._grads(None if grad_scale is None else 1.0 / grad_scale)
-        first = self.predictor.last_t < 0  # the first record of this predictor (probe or full)
-        if first and not self.probe_done and self.args.vsa_skip_sparse:
+        inv_scale = None if grad_scale is None else 1.0 / grad_scale
+        if self.probe is not None:  # one flat sample, gathered from .grad as one cat: a few ops in all
+            grads = self.probe.sample([p.grad for p in self.params])
+            if inv_scale is not None:
+                grads[0].mul_(inv_scale)
+            if self.phase is Phase.CORRECT:
+                self._probe_correct(grads)
+            else:
+                self.predictor.record(grads, self.step)
+            return
+        grads = self._grads(inv_scale)
+        first = self.predictor.last_t < 0  # the first record of the full predictor
+        if first and self.args.vsa_skip_sparse:
             self._drop_sparse(grads)
-        if self.probe is not None:
-            grads = self.probe.sample(grads)
         if not self.predictor.active:  # every tensor dropped or retired: nothing to record or compare
             return
         if self.phase is Phase.CORRECT:
@@ -218,9 +272,13 @@ class VSAEngine:
             self.cosine = cosine
             self.cosine_sum += torch.nan_to_num(cosine)
             self.corrections += 1
-            w = 1.0 / min(self.corrections, 4)  # running mean over the last few corrections
-            self.tensor_cosine += w * (torch.nan_to_num(per_tensor) - self.tensor_cosine)
-            self.tensor_trust += w * (torch.nan_to_num(trust) - self.tensor_trust)
+            self.tensor_measured += 1
+            w = 1.0 / min(self.tensor_measured, 4)  # running mean over the last few corrections
+            # (a non-finite gradient, an fp16 overflow, measures nothing: the running means stay)
+            self.tensor_cosine = torch.where(per_tensor.isfinite(), self.tensor_cosine + w * (
+                per_tensor - self.tensor_cosine), self.tensor_cosine)
+            self.tensor_trust = torch.where(trust.isfinite(), self.tensor_trust + w * (trust - self.tensor_trust),
+                                            self.tensor_trust)
             # host sync: once per CORRECT step (a backprop step), for the decisions below
             n = len(self.params)
             rel, *per = torch.cat([rel_residual.reshape(1), self.tensor_cosine, self.tensor_trust,
@@ -236,6 +294,17 @@ class VSAEngine:
             self.predictor.record(grads, self.step)
             if first:  # the buffers were just allocated: the peak (host arithmetic, no sync)
                 self.peak_state_ratio = max(self.peak_state_ratio, self.state_memory_ratio())
+
+    def _probe_correct(self, grads):
+        """A CORRECT step while the probe measures: the prediction against the zero gradient, on the sample."""
+        cosine, rel, *_ = self.predictor.correct(grads, self.step)
+        self.cosine = cosine
+        self.cosine_sum += torch.nan_to_num(cosine)
+        self.corrections += 1
+        rel = rel.item()  # host sync: once per CORRECT step
+        self.controller.report_residual(rel)
+        if rel == rel:  # (an fp16 overflow measures nothing)
+            self.earn = (self.earn + [1.0 - rel * rel])[-WORTH_WINDOW:]
 
     def _measure_admitted(self, dots, a2, p2):
         """At a CORRECT step (host lists, per tensor; NaN for untracked ones): the cosine with the
@@ -254,11 +323,18 @@ class VSAEngine:
     def refresh_noise(self, decide=True):
         """The noise estimate (kappa, noise scale, batch over it) into host values; with `decide`, also
         the micro-batches adaptive accumulation computes from now on (at block starts and CORRECT
-        steps only, and at each WARMUP step once the noise scale is measured, so that logging never changes
-        training). A collective under DDP and a host sync: every rank calls it at the same points."""
-        self.noise_estimate = self.noise.estimate(self.reduce_mean)
+        steps, and at each WARMUP step once the noise scale is measured), from the values posted a
+        backprop step earlier: no host sync, the same on every rank. Without `decide` (logging steps),
+        the current estimate: a host sync and under DDP a collective, so logging never changes training."""
+        if not decide:
+            self.noise_estimate = self.noise.estimate(self.reduce_mean)
+            self.kappa = self.noise_estimate[0]
+            return
+        got = self._read()
+        measured = 0 if got is None else got[1][0]
+        self.noise_estimate = self.noise.from_totals(got[0][:2] if measured else None)
         self.kappa = self.noise_estimate[0]
-        if decide and self.noise.measured >= MIN_MEASURED:
+        if measured >= MIN_MEASURED:
             self.micro.decide(self.noise_estimate[1])
 
     def decide_whole(self):
@@ -270,17 +346,17 @@ class VSAEngine:
         self.refresh_noise()
         # Only with kappa from two batch sizes (noise.py): with one gradient per step it is read from the
         # lag-1 cosine, which the mean's own drift between steps lowers, and a kappa read low inflates v.
-        self.whole = bool(self.args.vsa_whole_step and self.probe is None and self.corrections
+        self.whole = bool(self.args.vsa_whole_step and self.probe is None and self.tensor_measured
                           and self.noise.lag1 is None
                           and whole_step_pays(self.worth, self.kappa, self.controller.predict_share,
                                               self.args.vsa_tolerance))
 
     def _drop_sparse(self, grads):
-        """Before the first record: tensors whose gradient is mostly exact zeros (embedding rows of
+        """Before the full predictor's first record (once per run, where the prediction earned it): tensors whose gradient is mostly exact zeros (embedding rows of
         tokens absent from the batch) are never predicted nor recorded; they change on backprop
         steps only. Their prediction would move rows the batch never touched."""
         zeros = torch.stack([(g == 0).sum().float() / g.numel() for g in grads])
-        zeros = zeros.tolist()  # host sync: once, at the first record
+        zeros = zeros.tolist()  # host sync: once per run, at the full predictor's first record
         sparse = [i for i, z in enumerate(zeros) if z >= 0.5]
         if sparse and len(sparse) < len(zeros):
             self._untrack(sparse, "not tracked: mostly zero gradients (vsa_skip_sparse)")
@@ -340,7 +416,7 @@ class VSAEngine:
         n = len(self.params)
         active = set(self.predictor.active)
         gate_off = self.args.vsa_min_cosine <= -1.0
-        if self.corrections == 0:  # nothing measured yet: only an open gate admits a tensor
+        if self.probe is not None or self.tensor_measured == 0:  # nothing measured per tensor: only an open gate admits
             self.predict_mask, self.trust = [gate_off and i in active for i in range(n)], [1.0] * n
             return
         if per is None:  # host sync: only when state is loaded
@@ -412,8 +488,8 @@ class VSAEngine:
 
     def state_memory_ratio(self) -> float:
         """Bytes of all VSA state tensors over the fp32 bytes of the model's trainable parameters."""
-        state = sum(v.numel() * v.element_size() for v in self.predictor.state_dict().values()
-                    if isinstance(v, torch.Tensor))
+        state = sum(v.numel() * v.element_size() for k, v in self.predictor.state_dict().items()
+                    if isinstance(v, torch.Tensor) and k != "skipped")  # (the non-finite count: 8 bytes)
         trainable = 4 * sum(p.numel() for p in self.params)
         return state / trainable
 

@@ -19,7 +19,6 @@ backward. With one gradient per step (n = 1) there is no second batch size; then
 from the lag-1 cosine of consecutive backprop steps' gradients, whose expectation is kappa while G
 changes slowly between them.
 """
-import functools
 import math
 
 import torch
@@ -60,39 +59,35 @@ class NoiseScale:
     each of `world` ranks, so up to accum * world gradients of batch b per step (fewer where adaptive
     accumulation computes fewer micro-batches: each step's estimate uses its own count).
 
-    Micro-batch gradients are read by tensor hooks before they accumulate into .grad (local to the
-    rank under DDP, hence the cross-rank mean at the host read); the hooks count only while
-    `listening` (backprop steps). Device tensors only until estimate(), a host sync."""
+    The two batch sizes are read from .grad itself, with no hook: after the step's first computed
+    micro-batch, .grad is one micro-batch's gradient (rank-local: DDP synchronises only the last
+    micro-batch); after the last, the step's mean over all ranks. Their squared norms, per tensor,
+    are one `_foreach_norm` each, whatever the number of tensors (a hook per tensor cost 5 ops per
+    tensor per micro-batch). One micro-batch's norm is as unbiased as the mean of all of theirs,
+    only noisier, and the running mean over _SMOOTH steps absorbs that. With one micro-batch per step
+    (no gradient accumulation) the lag-1 cosine stands in. Device tensors only until estimate()."""
 
     def __init__(self, params, accum, world, batch, device, seed=0):
         self.accum, self.world, self.micro, self.batch = accum, world, accum * world, batch
         self.listening = False
         params = list(params)
-        # Per tensor: this step's sum of micro-batch |a_k|^2, and running means of the per-step
-        # unbiased |G|^2 and tr(Sigma) (micro-batch units), rank-local: each is linear in this rank's
-        # micro-batch norms, so their cross-rank mean is the global estimate.
-        self.step_sq = torch.zeros(len(params), dtype=torch.float64, device=device)
+        # Per tensor: running means of the per-step unbiased |G|^2 and tr(Sigma) (micro-batch units),
+        # rank-local: each is linear in this rank's micro-batch norms, so their cross-rank mean is the
+        # global estimate.
+        self.first_sq = None  # this step: per tensor |a_1|^2 of its first computed micro-batch
         self.g2 = torch.zeros(len(params), dtype=torch.float64, device=device)
         self.trace = torch.zeros(len(params), dtype=torch.float64, device=device)
         self.measured = 0
-        self.handles = []
-        if self.micro > 1:
-            self.handles = [p.register_hook(functools.partial(self._hook, i)) for i, p in enumerate(params)
-                            if p.requires_grad]
         # one gradient per step: the whole model's lag-1 gradient cosine, on a fixed random sample of each tensor
-        self.lag1 = Consistency([list(params)], device, seed) if self.micro == 1 else None
-
-    def _hook(self, i, grad):
-        if self.listening:
-            # a norm, not pow(2).sum(): no temporary the size of the gradient (an embedding's is 10^7
-            # elements, and a fresh buffer per micro-batch costs ~10x the reduction on CPU)
-            self.step_sq[i] += torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).double().square()
-        return None  # the gradient itself is unchanged
+        self.lag1 = Consistency([list(params)], device, seed) if accum == 1 else None
 
     def remove(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+        """(No hooks to take off: kept for the engine's close().)"""
+
+    def first(self, grads):
+        """After the first computed micro-batch of a backprop step (not its last): `grads`, .grad now."""
+        if self.listening and self.lag1 is None:
+            self.first_sq = torch.stack(torch._foreach_norm(grads)).double().square()
 
     def observe(self, step, grads, computed=None, scale=1.0):
         """After the last micro-batch of backprop step `step`: `grads`, the step's accumulated
@@ -106,11 +101,11 @@ class NoiseScale:
             return
         m = self.accum if computed is None else computed
         n = m * self.world  # gradients of one micro-batch in this step, over all ranks
-        sq, self.step_sq = self.step_sq, torch.zeros_like(self.step_sq)
-        if n < 2:  # one gradient: no second batch size to compare it with
+        sq, self.first_sq = self.first_sq, None
+        if n < 2 or m < 2 or sq is None:  # no micro-batch norm before the last: no second batch size
             return
         big = torch.stack(torch._foreach_norm(grads)).double().pow(2)
-        small = sq * (self.accum ** 2 / m)  # mean over this rank's m micro-batches of |K a|^2
+        small = sq * self.accum ** 2  # |K a_1|^2: one micro-batch's gradient on the mean's scale
         big = big * (self.accum / m / scale) ** 2  # grads = scale * sum a_k; the mean of the K a_k is K/m * sum a_k
         g2, trace = noise_terms(small, big, 1.0, float(n))
         ok = (g2.sum() + trace.sum()).isfinite()  # an overflowed fp16 step measures nothing
@@ -119,35 +114,47 @@ class NoiseScale:
         self.g2 = torch.where(ok, self.g2 + w * (g2 - self.g2), self.g2)
         self.trace = torch.where(ok, self.trace + w * (trace - self.trace), self.trace)
 
-    def estimate(self, reduce_mean=None):
-        """(kappa at the full batch, noise scale in examples, full batch over noise scale), host
-        floats; NaN before any measurement. A host sync (and under DDP a collective: every rank
-        calls it at the same points), at decision points and logging steps only."""
+    def totals(self):
+        """[|G|^2, tr(Sigma)] summed over tensors (or [lag-1 cosine, 0]), a device tensor for Deferred."""
+        if self.lag1 is not None:
+            return torch.stack([self.lag1.mean[0], torch.zeros_like(self.lag1.mean[0])])
+        return torch.stack([self.g2.sum(), self.trace.sum()])
+
+    def from_totals(self, values):
+        """(kappa, noise scale in examples, full batch over it) from totals() read on the host."""
         nan = float("nan")
-        if self.measured == 0:
+        if self.measured == 0 or values is None:
             return nan, nan, nan
         if self.lag1 is not None:
-            c = self.lag1.mean[0].item()  # host sync
-            kappa = min(1.0, max(0.0, c))
+            kappa = min(1.0, max(0.0, values[0]))
             ratio = kappa / (1 - kappa) if kappa < 1 else float("inf")
             return kappa, (self.batch / ratio if ratio > 0 else float("inf")), ratio
-        both = torch.stack([self.g2.sum(), self.trace.sum()])
-        g2, trace = (both if reduce_mean is None else reduce_mean(both)).tolist()  # host sync
+        g2, trace = values
         kappa = mean_share(g2, trace, self.micro)
         if g2 <= 0:
             return kappa, float("inf"), 0.0
         b_noise = max(trace, 0.0) / g2 * self.batch  # in examples
         return kappa, b_noise, (self.micro * self.batch / b_noise if b_noise > 0 else float("inf"))
 
-    def group_share(self, groups, reduce_mean=None):
-        """Per group of tensor indices (the droppable blocks), kappa at the full batch, a device
-        tensor; None where there are no micro-batch measurements (one gradient a step)."""
-        if self.lag1 is not None or self.measured == 0 or not groups:
+    def estimate(self, reduce_mean=None):
+        """(kappa at the full batch, noise scale in examples, full batch over noise scale), host
+        floats; NaN before any measurement. A host sync (and under DDP a collective: every rank
+        calls it at the same points): logging steps and the model card only; decisions read
+        totals() through the engine's Deferred instead."""
+        if self.measured == 0:
+            return self.from_totals(None)
+        both = self.totals()
+        return self.from_totals((both if reduce_mean is None else reduce_mean(both)).tolist())  # host sync
+
+    def group_share(self, owner, n_groups):
+        """Per group (`owner`: per tensor its group, n_groups for none; a device long tensor), kappa at the
+        full batch: a device tensor of n_groups, from segment sums (one index_add_, not one per group);
+        None where there are no micro-batch measurements (one gradient a step). Rank-local."""
+        if self.lag1 is not None or not n_groups:
             return None
-        both = torch.stack([self.g2, self.trace])
-        g2, trace = both if reduce_mean is None else reduce_mean(both)
-        g2 = torch.stack([g2[list(g)].sum() for g in groups])
-        trace = torch.stack([trace[list(g)].sum() for g in groups]).clamp_min(0.0)
+        both = torch.zeros(2, n_groups + 1, dtype=torch.float64, device=self.g2.device)
+        both.index_add_(1, owner, torch.stack([self.g2, self.trace]))
+        g2, trace = both[0, :-1], both[1, :-1].clamp_min(0.0)
         share = g2 / (g2 + trace / self.micro).clamp_min(1e-300)
         return torch.where(g2 > 0, share.clamp(0.0, 1.0), torch.zeros_like(share))
 

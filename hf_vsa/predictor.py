@@ -83,7 +83,8 @@ class GradientPredictor:
         self.origin = 0
         self.last_t = -1  # newest record; -1: none yet
         self.residual_t = -1  # when the residual was learned; -1: none yet
-        self.skipped = 0
+        # non-finite gradients met (recorded as zeros): counted on the device, read at logging steps
+        self.skipped = torch.zeros((), dtype=torch.int64, device=self.params[0].device)
 
     def _buffer(self, name, i, empty=False):
         p = self.params[i]
@@ -133,18 +134,20 @@ class GradientPredictor:
 
     def record(self, grads, t: int, finite=None) -> bool:
         """Add the gradient observed at optimizer step t (one per tensor; only the active tensors
-        are recorded); a non-finite one is refused (False). `finite`: the caller's 0-dim check of
-        the active gradients, when it already has one (saves a pass over them)."""
+        are recorded). A non-finite one (an fp16 overflow) is recorded as zeros and counted in
+        `skipped`, decided on the device: no host sync. `finite`: the caller's 0-dim check of the
+        active gradients, when it already has one (saves a pass over them)."""
         picked = self._pick(grads)
         if not picked:  # every tensor dropped or retired: nothing left to record
             self.last_t = t
             return True
         if finite is None:
             finite = all_finite(picked)
-        if not bool(finite):  # host sync: once per recorded (backprop) step
-            self.skipped += 1
-            logger.warning("hf_vsa: gradient at step %d has inf/nan; not recorded in the prediction history", t)
-            return False
+        self.skipped += (~finite).long()
+        grads = list(grads)
+        for i in self.active:
+            grads[i] = torch.where(finite, grads[i], 0.0)
+        picked = self._pick(grads)
         self.allocate()
         if self.history is not None:
             self.history.push(grads, t, self.active)
@@ -295,13 +298,12 @@ class GradientPredictor:
         cosine = (dots.sum() / (a2.sum().sqrt() * p2.sum().sqrt()).clamp_min(1e-30)).clamp(-1.0, 1.0)
         rel_residual = d2.sum().sqrt() / a2.sum().sqrt().clamp_min(1e-30)
         parts = torch.stack([self._spread(x) for x in (dots, a2, p2)])
-        if self.record(full_grads, t, finite=a2.sum().isfinite()):  # |actual|^2 is finite iff every element is
-            if fresh is not None:
-                self._learn_residual(fresh, t)
-            return cosine, rel_residual, per_tensor, trust, parts
-        nan = torch.full_like(cosine, float("nan"))
-        return (nan, nan, torch.full_like(per_tensor, float("nan")), torch.full_like(trust, float("nan")),
-                torch.full_like(parts, float("nan")))
+        finite = a2.sum().isfinite()  # |actual|^2 is finite iff every element is
+        self.record(full_grads, t, finite=finite)
+        if fresh is not None:  # (a non-finite step learns a zero residual: decided on the device)
+            self._learn_residual([torch.where(finite, r, 0.0) for r in fresh], t)
+        # NaN where the gradient was not finite (an fp16 overflow measures nothing)
+        return cosine, rel_residual, per_tensor, trust, parts
 
     def _spread(self, values):
         """Per-active-tensor values -> one per tensor, NaN for the inactive ones."""
@@ -312,12 +314,13 @@ class GradientPredictor:
         return out
 
     # ---- state -----------------------------------------------------------------------------
-    _SCALARS = ("sw", "st", "stt", "origin", "last_t", "residual_t", "skipped", "active")
+    _SCALARS = ("sw", "st", "stt", "origin", "last_t", "residual_t", "active")
 
     _BUFFERS = ("g0", "g1", "residual", "rcodes", "rscales")
 
     def _tensors(self) -> dict:
         s = {f"{name}.{i}": x for name in self._BUFFERS for i, x in enumerate(getattr(self, name))}
+        s["skipped"] = self.skipped
         if self.history is not None:
             s.update(self.history.tensors())
         return s
@@ -341,14 +344,14 @@ class GradientPredictor:
             if freed:
                 raise ValueError(f"predictor state active: tensors {freed[:5]} are tracked in the state but not here")
             self.set_active(active)  # the shapes below depend on it
-        if any(state[key].numel() for key in self._tensors()):  # the state holds records
+        if any(state[key].numel() for key in self._tensors() if key != "skipped"):  # the state holds records
             self.allocate()
         tensors = self._tensors()
         for key, x in tensors.items():  # check every shape before anything is overwritten
             v = state[key]
             if v.shape != x.shape or v.dtype != x.dtype:
-                kind, i = key.split(".")
-                label = f"{kind}.{i if names is None else names[int(i)]}"
+                kind, i = key.split(".") if "." in key else (key, "")
+                label = f"{kind}.{i if names is None or not i else names[int(i)]}"
                 raise ValueError(f"predictor state {label}: expected {tuple(x.shape)} {x.dtype}, but the saved "
                                  f"{label} is {tuple(v.shape)} {v.dtype}")
         for key, x in tensors.items():

@@ -16,7 +16,7 @@ def engine_stats(engine) -> dict:
     bw_time = sum(engine.seconds[k] for k in ("WARMUP", "FULL", "CORRECT"))
     total = sum(engine.seconds.values())
     out["vsa/speedup_estimate"] = (steps * bw_time / backward / total) if backward and total else 1.0
-    out["vsa/nonfinite_records_skipped"] = engine.predictor.skipped
+    out["vsa/nonfinite_records_skipped"] = int(engine.predictor.skipped)  # host sync: logging steps only
     out["vsa/predicted_tensor_fraction"] = 0.0 if engine.probe is not None else sum(engine.predict_mask) / len(
         engine.predict_mask)
     out["vsa/probing"] = float(engine.probe is not None)

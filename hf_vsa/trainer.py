@@ -112,6 +112,8 @@ class VSAMixin:
         if phase.runs_backward:
             loss = self._vsa_backprop(model, inputs, num_items_in_batch, last)
             engine.note_loss(loss, last, engine.micro.loss_factor)
+            if not last and engine.micro.run == 1:  # .grad holds one micro-batch's gradient (noise scale)
+                engine.first_micro_batch()
             if last:
                 scale = engine.micro.rescale(engine.params, self.current_gradient_accumulation_steps)
                 engine.after_backward(self._vsa_grad_scale(), scale)

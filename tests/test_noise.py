@@ -25,38 +25,38 @@ def test_noise_terms_are_unbiased_on_synthetic_gradients_with_known_mean_and_cov
     assert 0 < kappa < 1 and math.isclose(kappa, 1 / (1 + (true_trace / true_g2) / (k * b)))
 
 
-def test_hooks_read_micro_batch_gradients_and_the_estimate_matches_the_formula():
+def test_the_first_micro_batch_and_the_step_gradient_give_the_estimate_of_the_formula():
+    """No hook: .grad after the first micro-batch (one micro-batch's gradient) and after the last (the
+    step's mean) are the two batch sizes."""
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 1)
     params = list(model.parameters())
     k = 4
     ns = NoiseScale(params, accum=k, world=1, batch=3, device="cpu")
-    micro_sq = []
+    sqs = []
     for step in range(3):
         ns.listening = True
         model.zero_grad()
-        sq = 0.0
-        for _ in range(k):
-            before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        for j in range(k):
             x, y = torch.randn(3, 6), torch.randn(3, 1)
             (torch.nn.functional.mse_loss(model(x), y) / k).backward()
-            sq += sum((p.grad - b0).pow(2).sum().item() for p, b0 in zip(params, before))
-        micro_sq.append((k * sq, sum(p.grad.pow(2).sum().item() for p in params)))
+            if j == 0:
+                first = k * k * sum(p.grad.pow(2).sum().item() for p in params)
+                ns.first([p.grad for p in params])
+        sqs.append((first, sum(p.grad.pow(2).sum().item() for p in params)))
         ns.listening = False
         ns.observe(step, [p.grad for p in params])
     # running means over 3 measurements: plain means of the per-step unbiased estimates
-    per_step = [noise_terms(s, b, 1.0, k) for s, b in micro_sq]
+    per_step = [noise_terms(s, b, 1.0, k) for s, b in sqs]
     g2, trace = (sum(x[j] for x in per_step) / 3 for j in (0, 1))
     assert math.isclose(ns.g2.sum().item(), g2, rel_tol=1e-6) and math.isclose(ns.trace.sum().item(), trace, rel_tol=1e-6)
     kappa, b_noise, ratio = ns.estimate()
     assert math.isclose(kappa, mean_share(g2, trace, k), rel_tol=1e-6)
     if g2 > 0:
         assert math.isclose(ratio, k * 3 / b_noise, rel_tol=1e-9)
-    # not listening: a backward adds nothing
-    before = ns.step_sq.clone()
-    model(torch.randn(2, 6)).sum().backward()
-    assert torch.equal(ns.step_sq, before)
-    ns.remove()
+    # not listening (a PREDICT step's partial backward): the first micro-batch reads nothing
+    ns.first([p.grad for p in params])
+    assert ns.first_sq is None
 
 
 def test_fewer_computed_micro_batches_estimate_the_same_terms():
@@ -70,10 +70,11 @@ def test_fewer_computed_micro_batches_estimate_the_same_terms():
     for step in range(400):
         ns.listening = True
         total = torch.zeros(100)
-        for _ in range(m):
+        for j in range(m):
             a = (mean + sd * torch.randn(100, generator=gen)) / k  # the Trainer's 1/K loss scaling
-            ns._hook(0, a)
             total += a
+            if j == 0:
+                ns.first([total])
         ns.listening = False
         ns.measured = 0  # each step on its own: collect the per-step estimates
         ns.observe(step, [total * (k / m)], computed=m, scale=k / m)

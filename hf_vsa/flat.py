@@ -1,0 +1,121 @@
+"""Work over all tensors as a few ops, whatever their number; host reads that never wait on the device.
+
+- `Windows`: a fixed, seeded sample of every tensor made of a few contiguous windows (views, so
+  gathering them from all gradients is one `torch.cat`: one kernel however many tensors there are),
+  with the tensor (or group) each sampled element belongs to, for per-tensor sums as one
+  `index_add_` (a segment reduction) instead of one reduction per tensor.
+- `Deferred`: device values the host reads one post late. `post` starts a non-blocking copy into
+  host memory (pinned on CUDA) and records an event; `read` returns the values of the post before
+  the latest, whose copy finished long ago, so the host never drains the device's queue for them.
+  Every decision hf_vsa takes on WARMUP, FULL and PREDICT steps reads its inputs from here: the
+  only host reads on those steps (hf_vsa's sync points are listed in docs/method.md).
+- `host_list`: the values of a tensor made on the host (a CPU generator's draw): no device sync.
+"""
+import math
+
+import torch
+
+from .compress import mix_seed
+
+PIECES = 4  # contiguous windows per sampled tensor: rows from four places, not one run of rows
+
+
+def host_list(t):
+    """A CPU tensor's values (made on the host, or a finished Deferred copy): reading it is no sync."""
+    assert t.device.type == "cpu", "host_list reads host tensors only; a device tensor's read is a sync"
+    return t.numpy().tolist()
+
+
+class Windows:
+    """Per tensor, `pieces` contiguous windows at seeded offsets, `per_tensor` elements in all (the whole
+    tensor where it has no more), chosen once from (seed, tag, tensor): the same on every rank and
+    resume, never saved. `gather(tensors)` is their elements concatenated, times `scale` (each sampled
+    element stands for numel / sampled of its tensor: scaled by the square root of that, inner
+    products of samples estimate the whole tensors', where a weight matrix outweighs a bias by its
+    size). `groups`: per element, its group (default: its tensor), for `segment_sum`."""
+
+    def __init__(self, params, per_tensor, seed, tag, groups=None, scaled=True, fraction=0.0):
+        self.params = list(params)
+        self.slices = []  # per tensor: [(start, length)]
+        self.lengths = []
+        for i, p in enumerate(self.params):
+            n = p.numel()
+            k = min(n, max(per_tensor, math.ceil(fraction * n)))
+            if k == n:
+                self.slices.append([(0, n)])
+                self.lengths.append(n)
+                continue
+            pieces = min(PIECES, k)
+            size = -(-k // pieces)
+            gen = torch.Generator().manual_seed(mix_seed(seed, tag, i))  # host generator: same everywhere
+            starts = sorted(host_list(torch.randint(0, n - size + 1, (pieces,), generator=gen)))
+            # windows may overlap where the tensor is small: each is a sample all the same
+            self.slices.append([(s, size) for s in starts])
+            self.lengths.append(size * pieces)
+        self.numel = sum(self.lengths)
+        dev = self.params[0].device
+        owner = [i for i, k in enumerate(self.lengths)] if groups is None else groups
+        self.n_groups = (max(owner) + 1) if owner else 0
+        self.segment = torch.repeat_interleave(torch.tensor(owner, dtype=torch.long),
+                                               torch.tensor(self.lengths)).to(dev)
+        weights = [(p.numel() / k) ** 0.5 if scaled else 1.0 for p, k in zip(self.params, self.lengths)]
+        self.scale = torch.repeat_interleave(torch.tensor(weights, dtype=torch.float32),
+                                             torch.tensor(self.lengths)).to(dev)
+        self._zero = torch.zeros(max(self.lengths) if self.lengths else 0, device=dev)  # stands in for None
+
+    def gather(self, tensors):
+        """Flat fp32 sample of `tensors` (one per parameter; None reads as zeros), scaled: a cat of views."""
+        parts = []
+        for t, slices, k in zip(tensors, self.slices, self.lengths):
+            if t is None:
+                parts.append(self._zero[:k])
+                continue
+            flat = t.reshape(-1)
+            parts.extend(flat[s:s + n] for s, n in slices)
+        out = torch.cat(parts)
+        if out.dtype != torch.float32:
+            out = out.float()
+        return out.mul_(self.scale)
+
+    def grads(self):
+        return self.gather([p.grad for p in self.params])
+
+    def segment_sum(self, x, dtype=torch.float64):
+        """Per group, the sum of x's elements (x: [..., numel]) -> [..., groups]: one index_add_."""
+        out = torch.zeros(*x.shape[:-1], self.n_groups, dtype=dtype, device=x.device)
+        return out.index_add_(x.dim() - 1, self.segment, x.to(dtype))
+
+
+class Deferred:
+    """A 1-D float64 device vector posted now and read on the host one post later (see the module)."""
+
+    def __init__(self):
+        self.slots = []  # up to two: (host tensor, CUDA event or None, the posted device tensor), oldest first
+
+    def post(self, values):
+        values = values.detach().double().reshape(-1)
+        cuda = values.device.type == "cuda"
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=cuda)
+        host.copy_(values, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.slots = (self.slots + [(host, event, values)])[-2:]
+
+    def read(self):
+        """The values of the post before the latest (host floats), or None before two posts."""
+        if len(self.slots) < 2:
+            return None
+        host, event, _ = self.slots[0]
+        if event is not None:
+            event.synchronize()  # recorded a post ago: long done, so this waits for nothing
+        return host_list(host)
+
+    def state_dict(self) -> dict:
+        return {f"slot{k}": values for k, (_, _, values) in enumerate(self.slots)}
+
+    def load_state_dict(self, state: dict, device):
+        self.slots = []
+        for k in range(len(state)):
+            self.post(state[f"slot{k}"].to(device))

@@ -1,0 +1,84 @@
+"""What hf_vsa adds to a training step, counted (ops and host syncs), on real Trainer runs of a GPT-2
+built from a config: it does not grow with the number of tensors, and no ordinary step syncs the host."""
+import statistics
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+from hf_vsa import VSATrainer, VSATrainingArguments
+from hf_vsa.counting import count_training
+from hf_vsa.flat import Deferred, Windows
+from tasks import _lm_blocks
+
+# A schedule that reaches every phase in 30 steps; a fixed DropBP rate so PREDICT steps run (partial backward).
+SCHEDULE = dict(vsa_warmup_steps=4, vsa_full_steps=3, vsa_predict_steps=8, vsa_correct_every=3,
+                vsa_adaptive_block_drop=False)
+
+
+def gpt2(layers):
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=16, n_embd=32, n_layer=layers, n_head=2))
+
+
+def data():
+    ids = torch.randint(0, 256, (512 * 16,), generator=torch.Generator().manual_seed(0)).tolist()
+    return _lm_blocks(ids, 16, 4)[0]
+
+
+def run(tmp_path, layers, vsa=True):
+    kw = dict(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+              learning_rate=1e-3, logging_steps=1000, save_strategy="no", report_to="none", use_cpu=True,
+              disable_tqdm=True, seed=0)
+    if not vsa:
+        return count_training(Trainer(model=gpt2(layers), args=TrainingArguments(**kw), train_dataset=data()))
+    t = VSATrainer(model=gpt2(layers), args=VSATrainingArguments(**kw, **SCHEDULE), train_dataset=data())
+    return count_training(t)
+
+
+def by_phase(rows):
+    out = {}
+    for phase, vsa_ops, _, vsa_syncs, _ in rows[1:]:  # (the first step builds the engine)
+        out.setdefault(phase, []).append((vsa_ops, vsa_syncs))
+    return out
+
+
+def test_the_ops_hf_vsa_adds_do_not_grow_with_the_number_of_tensors(tmp_path):
+    shallow, deep = by_phase(run(tmp_path / "a", 2)), by_phase(run(tmp_path / "b", 4))
+    assert {"WARMUP", "FULL", "PREDICT", "CORRECT"} <= set(shallow) == set(deep)
+    for phase in ("WARMUP", "FULL", "CORRECT"):
+        a, b = (statistics.median(x[0] for x in d[phase]) for d in (shallow, deep))
+        assert 0 < a and b <= 1.05 * a, (phase, a, b)  # 28 -> 52 tensors: the same ops
+    trainer = statistics.median(r[1] + r[2] for r in run(tmp_path / "c", 4, vsa=False)[1:])
+    assert statistics.median(x[0] for x in deep["FULL"]) <= 0.25 * trainer
+
+
+def test_no_host_sync_on_warmup_full_and_predict_steps_and_at_most_one_per_correct_step(tmp_path):
+    phases = by_phase(run(tmp_path, 2))
+    for phase in ("WARMUP", "FULL", "PREDICT"):
+        assert all(syncs == 0 for _, syncs in phases[phase]), phase
+    assert all(syncs <= 1 for _, syncs in phases["CORRECT"])
+
+
+def test_the_flat_sample_is_the_tensors_windows_and_sums_per_tensor():
+    params = [torch.randn(40, 50), torch.randn(7), torch.randn(3, 300)]
+    w = Windows(params, per_tensor=100, seed=0, tag=1, scaled=False)
+    x = w.gather(params)
+    expect = torch.cat([p.reshape(-1)[s:s + n] for p, sl in zip(params, w.slices) for s, n in sl])
+    assert torch.equal(x, expect) and x.numel() == w.numel == 100 + 7 + 100
+    sums = w.segment_sum(x)
+    assert torch.allclose(sums, torch.stack([t.double().sum() for t in x.split(w.lengths)]))
+    assert torch.equal(w.gather([None, None, None]), torch.zeros(w.numel))
+
+
+def test_deferred_values_are_read_one_post_late_and_survive_a_state_round_trip():
+    d = Deferred()
+    assert d.read() is None
+    d.post(torch.tensor([1.0, 2.0]))
+    assert d.read() is None
+    d.post(torch.tensor([3.0, 4.0]))
+    assert d.read() == [1.0, 2.0]
+    again = Deferred()
+    again.load_state_dict(d.state_dict(), "cpu")
+    assert again.read() == [1.0, 2.0]
+    d.post(torch.tensor([5.0, 6.0]))
+    assert d.read() == [3.0, 4.0]
