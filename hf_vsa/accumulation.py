@@ -21,10 +21,12 @@ class AdaptiveAccumulation:
         self.enabled = enabled and accum > 1
         self.target = accum  # micro-batches each step computes from now on
         self.index = self.run = 0  # this step: micro-batches seen, and computed
+        self.items = None  # this step: the computed micro-batches' items (label tokens), when counted
         self.seen = self.computed = 0  # the run's totals, over steps that computed any
 
     def new_step(self):
         self.index = self.run = 0
+        self.items = None
 
     def decide(self, noise_scale: float):
         """`noise_scale`: B_noise in examples (NaN: not measured, keeps all K)."""
@@ -43,16 +45,24 @@ class AdaptiveAccumulation:
         self.computed += run
         return run
 
-    @property
-    def loss_factor(self) -> float:
-        """A computed micro-batch's loss (scaled 1/K by the Trainer) times this is its share of the step's mean."""
-        return self.accum / self.target if self.target < self.accum else 1.0
+    def count(self, items):
+        """A computed micro-batch's items (label tokens, as the Trainer counts them for its loss scaling)."""
+        self.items = items if self.items is None else self.items + items
 
-    def rescale(self, params, k_step: int) -> float:
+    def rescale(self, params, k_step: int, total_items=None) -> float:
         """After the last computed micro-batch: the accumulated gradients, a sum over `run` of the step's
-        k_step micro-batches, rescaled to their mean's scale (k_step / run). Returns the factor."""
-        factor = k_step / max(self.run, 1)
-        if factor != 1.0:
+        k_step micro-batches, rescaled to their mean's scale. Where the Trainer scaled each micro-batch's
+        loss by the step's `total_items` (label tokens of all k_step micro-batches, a device tensor),
+        the factor is total_items over the computed ones' items (counted, on the device: micro-batches
+        of SFT with padding or completion-only loss hold unequal counts); else k_step / run. Returns it."""
+        if self.run >= k_step:
+            factor = 1.0
+        elif total_items is not None and self.items is not None:
+            factor = (total_items / self.items.clamp_min(1)).float()
+        else:
+            factor = k_step / max(self.run, 1)
+        self.items = None
+        if not (isinstance(factor, float) and factor == 1.0):
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, factor)

@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 from .compress import COMPRESSIONS, ROUNDINGS
 
 PREDICTORS = ("wls", "momentum", "ar")
+PREDICT_MODES = ("predict", "coast", "skip")
 TRUSTS = ("fitted", "none")
 # Named settings. A preset sets the fields it names unless the user gave them another value.
 PRESETS = {
@@ -134,6 +135,14 @@ class VSAArguments:
                           "steps-versus-batch law's estimate from the measured noise scale; with a fixed learning "
                           "rate and Adam the runs measured need more (docs/method.md, 'What bounds the gain at "
                           "large batch')."},
+    )
+    vsa_predict_mode: str = field(
+        default="predict",
+        metadata={"help": "What a PREDICT step gives the tensors it does not compute: 'predict' (the predictor's "
+                          "gradient where the gate admits it, else no update), 'coast' (a zero gradient: the "
+                          "optimizer moves them on its momentum alone), 'skip' (no update). 'coast' and 'skip' are "
+                          "the sceptic's controls for the prediction (scripts/benchmark.py configs of those names).",
+                  "choices": list(PREDICT_MODES)},
     )
     vsa_whole_step: bool = field(
         default=True,
@@ -310,6 +319,8 @@ class VSAArguments:
             raise ValueError(f"vsa_probe_fraction must be in [0, 1] (0: no probe), got {self.vsa_probe_fraction}")
         if not -1.0 <= self.vsa_min_cosine <= 1.0:
             raise ValueError(f"vsa_min_cosine must be in [-1, 1], got {self.vsa_min_cosine}")
+        if self.vsa_predict_mode not in PREDICT_MODES:
+            raise ValueError(f"vsa_predict_mode must be one of {PREDICT_MODES}, got {self.vsa_predict_mode!r}")
         if self.vsa_predictor not in PREDICTORS:
             raise ValueError(f"vsa_predictor must be one of {PREDICTORS}, got {self.vsa_predictor!r}")
         if self.vsa_predictor == "ar" and not 1 <= self.vsa_ar_order < self.vsa_history_window:

@@ -86,6 +86,7 @@ class VSAEngine:
         self.tensor_cosine = torch.zeros(len(self.params), dtype=torch.float64, device=dev)  # running mean
         self.tensor_trust = torch.zeros(len(self.params), dtype=torch.float64, device=dev)  # running mean
         self.last_loss = torch.zeros((), device=dev)  # last measured micro-batch loss
+        self.step_loss = None  # this step's measured micro-batch losses, summed
         self.cycle_loss, self.cycle_n = torch.zeros((), device=dev), 0
         self.log_loss, self.log_n = torch.zeros((), device=dev), 0
         self.seconds = {p.name: 0.0 for p in Phase}
@@ -191,13 +192,17 @@ class VSAEngine:
         return math.nan if value is None else value[0]
 
     def note_loss(self, loss, last_micro_batch: bool, factor=1.0):
-        """A measured (forward-pass) micro-batch loss, already scaled for accumulation; `factor`
-        makes it the share of the step's mean that it stands for (adaptive accumulation: K / m)."""
+        """A measured (forward-pass) micro-batch loss, already scaled for accumulation. At the last
+        micro-batch, `factor` makes the step's sum of them its mean (adaptive accumulation: the one the
+        gradients were rescaled by, K / m or the step's items over the computed ones')."""
         loss = loss.detach()
         self.last_loss = loss
-        self.cycle_loss += loss * factor
-        self.log_loss += loss * factor
+        self.step_loss = loss if self.step_loss is None else self.step_loss + loss
         if last_micro_batch:
+            total = self.step_loss * factor
+            self.step_loss = None
+            self.cycle_loss += total
+            self.log_loss += total
             self.cycle_n += 1
             self.log_n += 1
 
@@ -384,6 +389,18 @@ class VSAEngine:
         """Last micro-batch of a PREDICT step: the predicted gradient goes into .grad, on the
         scale the Trainer expects (times the fp16 loss scale when there is one). Tensors whose
         prediction is not trusted get no gradient, hence no update, this step."""
+        mode = self.args.vsa_predict_mode
+        if mode != "predict":  # the controls: a zero gradient (coast on the optimizer's momentum), or none
+            for i, p in enumerate(self.params):
+                if i in self.computed or not p.requires_grad:
+                    continue
+                if mode == "skip":
+                    p.grad = None
+                elif p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad.zero_()
+            return
         # A probe measures and has no full prediction to give; a full history with no record yet
         # (it just started) has nothing to predict from: no update from either.
         usable = self.probe is None and self.predictor.last_t >= 0

@@ -109,13 +109,18 @@ class VSAMixin:
             # one; logs report the measured mean instead, see log()).
             engine.forwards_skipped += 1
             return engine.last_loss
+        if computes and num_items_in_batch is not None and engine.micro.target < engine.micro.accum:
+            # The Trainer scales each micro-batch's loss by the items (label tokens) of all the step's
+            # micro-batches; the computed ones' sum is rescaled by the items they hold (the Trainer's count)
+            engine.micro.count(self._get_num_items_in_batch([inputs], self.args.device))
         if phase.runs_backward:
             loss = self._vsa_backprop(model, inputs, num_items_in_batch, last)
-            engine.note_loss(loss, last, engine.micro.loss_factor)
+            scale = engine.micro.rescale(engine.params, self.current_gradient_accumulation_steps,
+                                         num_items_in_batch) if last else 1.0
+            engine.note_loss(loss, last, scale)
             if not last and engine.micro.run == 1:  # .grad holds one micro-batch's gradient (noise scale)
                 engine.first_micro_batch()
             if last:
-                scale = engine.micro.rescale(engine.params, self.current_gradient_accumulation_steps)
                 engine.after_backward(self._vsa_grad_scale(), scale)
             return loss
         # Partial PREDICT: the forward and a backward that stops early. Whole-step PREDICT
@@ -129,9 +134,9 @@ class VSAMixin:
                     loss = self._vsa_backprop(model, inputs, num_items_in_batch, last)
             finally:
                 engine.freeze_predicted(False)
-            engine.note_loss(loss, last, engine.micro.loss_factor)
-            if last:
-                engine.micro.rescale(engine.params, self.current_gradient_accumulation_steps)
+            scale = engine.micro.rescale(engine.params, self.current_gradient_accumulation_steps,
+                                         num_items_in_batch) if last else 1.0
+            engine.note_loss(loss, last, scale)
             if last and self._vsa_world_size() > 1:
                 self._vsa_all_reduce_mean(engine.exact_grads())
         elif self.args.vsa_predict_forward:

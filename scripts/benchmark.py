@@ -29,6 +29,11 @@ from transformers import Trainer, TrainerCallback, set_seed
 from hf_vsa import VSATrainer, VSATrainingArguments
 from tasks import gpt2_scratch_task, sentiment_task, smollm_task
 
+# The seed's schedule, whole-step PREDICT on every PREDICT step, nothing gated or adapted.
+FORCED = dict(vsa_predictor="ar", vsa_warmup_steps=10, vsa_full_steps=5, vsa_predict_steps=20, vsa_correct_every=5,
+              vsa_adaptive_phases=False, vsa_predict_forward=False, vsa_exact_fraction=0.0, vsa_block_drop=1.0,
+              vsa_min_cosine=-1.0, vsa_trust="none", vsa_skip_sparse=False, vsa_retire_after=0, vsa_probe_fraction=0.0,
+              vsa_adaptive_accumulation=False)
 # Named VSA configurations (vsa_* overrides on top of VSATrainingArguments' defaults).
 CONFIGS = {
     "trainer": None,  # the plain transformers.Trainer
@@ -37,6 +42,12 @@ CONFIGS = {
     # The plain Trainer at the task's own batch (no accumulation) over the same examples: the smaller
     # batch a user could pick instead of --grad_accum N (N times the steps, eval every N times as many).
     "trainer_small": "small",
+    # The sceptic's controls for the prediction (the engine issue): the seed's fixed schedule with every
+    # PREDICT step whole (no forward, no backward, every tensor), differing only in what goes into .grad
+    # there: the AR prediction, a zero gradient (the optimizer coasts on its momentum), or none (no update).
+    "predict_all": dict(FORCED, vsa_predict_mode="predict"),
+    "coast": dict(FORCED, vsa_predict_mode="coast"),
+    "skip": dict(FORCED, vsa_predict_mode="skip"),
     # The plain Trainer again, after the other runs: the A/A control. Its ratios against the first run are
     # this machine's timing noise (same work, same trajectory), the yardstick for the others' small gaps.
     "trainer_again": None,

@@ -746,3 +746,24 @@ def test_one_gradient_per_step_never_runs_whole_step_predict(tmp_path):
     assert e.noise.lag1 is not None and len(e.worth) >= 2
     assert whole_step_pays(e.worth, e.kappa, e.controller.predict_share, 0.2)  # the measurements alone would
     assert not e.whole_steps and not e.whole
+
+
+@pytest.mark.parametrize("mode", ["coast", "skip"])
+def test_the_controls_give_predict_steps_a_zero_gradient_or_no_update(tmp_path, mode):
+    # The sceptic's controls: on PREDICT steps (no backward here), 'coast' writes zeros, so AdamW still
+    # moves each tensor on its momentum; 'skip' writes nothing, so nothing moves. Backprop steps train as usual.
+    model = make_model()
+    low = model.bert.encoder.layer[0].attention.self.query.weight
+    t, watch = watched(model, low, args(tmp_path, vsa_predict_mode=mode, **NO_BACKWARD))
+    t.train()
+    predict = [(dtype, moved) for phase, dtype, moved in watch.rows if phase is Phase.PREDICT]
+    assert predict and all(moved for phase, _, moved in watch.rows if phase is not Phase.PREDICT)
+    if mode == "coast":
+        assert all(dtype == low.dtype and moved for dtype, moved in predict)
+    else:
+        assert all(dtype is None and not moved for dtype, moved in predict)
+
+
+def test_a_bad_predict_mode_is_refused_naming_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="vsa_predict_mode must be one of"):
+        args(tmp_path, vsa_predict_mode="zero")
