@@ -455,10 +455,15 @@ class VSAEngine:
 
     @property
     def backed_off(self) -> bool:
-        """This PREDICT stretch runs backprop steps: not whole-step, and the measured drop
+        """This PREDICT stretch runs backprop steps: not whole-step, and either the measured drop
         probabilities (vsa_adaptive_block_drop) skip no block, so a partial step would cost the
-        predicted tensors' updates and save no backward."""
-        return self.dropbp.skips_none and not self.whole
+        predicted tensors' updates and save no backward, or the model has no block DropBP can skip
+        (a CNN, a mixed layer list) and no prediction is admitted, so a partial step would freeze every
+        tensor below the exact ones and give them nothing (vsa_block_drop=1 asks for that: not then)."""
+        if self.whole:
+            return False
+        no_blocks = not self.dropbp.blocks and self.dropbp.base < 1.0
+        return self.dropbp.skips_none or (no_blocks and not any(self.predict_mask))
 
     @property
     def partial(self) -> bool:
@@ -491,17 +496,27 @@ class VSAEngine:
         return {i for i in range(len(self.params)) if i not in active and self.closed[i] == 0}
 
     def exact_grads(self):
-        """The gradients a partial PREDICT step computed: the exact tensors' and the kept blocks'."""
-        return [self.params[i].grad for i in sorted(self.computed) if self.params[i].grad is not None]
+        """The gradients a partial PREDICT step computed: the exact tensors' and the kept blocks'. One that
+        is None here (a tensor this rank's batch did not reach) is zero-filled, so every rank all-reduces
+        the same tensors (a different flat size would hang the collective)."""
+        out = []
+        for i in sorted(self.computed):
+            p = self.params[i]
+            if p.grad is None and self.requires[i]:
+                p.grad = torch.zeros_like(p)
+            if p.grad is not None:
+                out.append(p.grad)
+        return out
 
     def add_time(self, seconds: float):
         if self.phase is not None:
             self.seconds[self.phase.name] += seconds
 
     # ---- statistics ------------------------------------------------------------------------
-    def stats(self) -> dict:
-        """Plain numbers for logs and the model card (stats.py; host syncs: call at logging steps only)."""
-        return engine_stats(self)
+    def stats(self, timing=True) -> dict:
+        """Plain numbers for logs and the model card (stats.py; host syncs: call at logging steps only).
+        timing=False leaves out what comes from wall time (logs are a function of the run's state)."""
+        return engine_stats(self, timing)
 
     def state_memory_ratio(self) -> float:
         """Bytes of all VSA state tensors over the fp32 bytes of the model's trainable parameters."""

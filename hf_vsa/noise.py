@@ -23,6 +23,16 @@ import math
 
 import torch
 
+
+def squared_norms(tensors):
+    """Per tensor |x|^2 in float64, the norms taken in float32 (bf16 gradients' norms in bf16 lose digits):
+    one _foreach_norm over all of them."""
+    try:
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    except TypeError:  # (torch before the dtype argument)
+        norms = torch._foreach_norm([t.float() for t in tensors])
+    return torch.stack(norms).double().square()
+
 from .blocks import Consistency
 
 _SMOOTH = 16  # running means over about the last 16 measurements (noisy single-step estimates)
@@ -87,7 +97,7 @@ class NoiseScale:
     def first(self, grads):
         """After the first computed micro-batch of a backprop step (not its last): `grads`, .grad now."""
         if self.listening and self.lag1 is None:
-            self.first_sq = torch.stack(torch._foreach_norm(grads)).double().square()
+            self.first_sq = squared_norms(grads)
 
     def observe(self, step, grads, computed=None, scale=1.0):
         """After the last micro-batch of backprop step `step`: `grads`, the step's accumulated
@@ -104,7 +114,7 @@ class NoiseScale:
         sq, self.first_sq = self.first_sq, None
         if n < 2 or m < 2 or sq is None:  # no micro-batch norm before the last: no second batch size
             return
-        big = torch.stack(torch._foreach_norm(grads)).double().pow(2)
+        big = squared_norms(grads)
         small = sq * self.accum ** 2  # |K a_1|^2: one micro-batch's gradient on the mean's scale
         big = big * (self.accum / m / scale) ** 2  # grads = scale * sum a_k; the mean of the K a_k is K/m * sum a_k
         g2, trace = noise_terms(small, big, 1.0, float(n))

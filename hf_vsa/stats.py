@@ -1,7 +1,7 @@
 """The run's statistics, as plain numbers for logs and the model card."""
 
 
-def engine_stats(engine) -> dict:
+def engine_stats(engine, timing=True) -> dict:
     """Plain numbers for logs and the model card (host syncs: call at logging steps only)."""
     c = engine.controller.counts
     steps = engine.controller.step
@@ -15,7 +15,8 @@ def engine_stats(engine) -> dict:
         (engine.cosine_sum / engine.corrections).item() if engine.corrections else float("nan"))  # host sync: logging
     bw_time = sum(engine.seconds[k] for k in ("WARMUP", "FULL", "CORRECT"))
     total = sum(engine.seconds.values())
-    out["vsa/speedup_estimate"] = (steps * bw_time / backward / total) if backward and total else 1.0
+    if timing:  # measured wall time: for the model card and summaries, never per-step logs
+        out["vsa/speedup_estimate"] = (steps * bw_time / backward / total) if backward and total else 1.0
     out["vsa/nonfinite_records_skipped"] = int(engine.predictor.skipped)  # host sync: logging steps only
     out["vsa/predicted_tensor_fraction"] = 0.0 if engine.probe is not None else sum(engine.predict_mask) / len(
         engine.predict_mask)

@@ -17,47 +17,54 @@ import shutil
 import time
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
+from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import get_last_checkpoint
 
 from .card import TAGS, add_vsa_section
 from .checkpoint import load_engine, rank_local, save_engine
-from .config import DEEPSPEED_REFUSAL, FSDP_REFUSAL, VSAArguments
+from .config import DEEPSPEED_REFUSAL, FSDP_REFUSAL, VSAArguments, VSATrainingArguments
 from .controller import Phase
 from .engine import VSAEngine
 
 logger = logging.getLogger(__name__)
 
 
-class _EngineCallback(TrainerCallback):
-    """A new engine for every training loop, and the wall time of each optimizer step (data,
-    forward, backward/prediction, optimizer) by phase; evaluation, logging and saving fall outside
-    on_step_begin..on_step_end."""
+class _VSACallbackHandler(CallbackHandler):
+    """The Trainer's callback handler, which also drives hf_vsa's engine at the events it needs, so the
+    callback list (`trainer.callback_handler.callbacks`) is the one the user built: a new engine for
+    every training loop, and the wall time of each optimizer step (data, forward, backward or
+    prediction, optimizer) by phase; evaluation, logging and saving fall outside step begin..end."""
 
-    def __init__(self, trainer):
-        self.trainer, self.t0 = trainer, None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        # Each training loop is a new run for the Trainer: every train() call, and every retry of
-        # auto_find_batch_size after an out-of-memory error. Its step count restarts (from 0 or the
-        # checkpoint's) and, with model_init (hyperparameter_search), the model is a new one. So the
-        # engine is new too: built at the first step, for that model, from the checkpoint if any.
-        self.trainer._vsa_drop_engine()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.t0 is not None and self.trainer.vsa is not None:
-            self.trainer.vsa.add_time(time.perf_counter() - self.t0)
-        self.t0 = None
+    def call_event(self, event, args, state, control, **kwargs):
+        trainer = self.vsa_trainer
+        if event == "on_train_begin":
+            # Each training loop is a new run for the Trainer: every train() call, and every retry of
+            # auto_find_batch_size after an out-of-memory error. Its step count restarts (from 0 or the
+            # checkpoint's) and, with model_init (hyperparameter_search), the model is a new one. So the
+            # engine is new too: built at the first step, for that model, from the checkpoint if any.
+            trainer._vsa_drop_engine()
+        elif event == "on_step_begin":
+            trainer._vsa_t0 = time.perf_counter()
+        elif event == "on_step_end" and trainer._vsa_t0 is not None:
+            if trainer.vsa is not None:
+                trainer.vsa.add_time(time.perf_counter() - trainer._vsa_t0)
+            trainer._vsa_t0 = None
+        return super().call_event(event, args, state, control, **kwargs)
 
 
 class VSAMixin:
     """Mix in before a Trainer subclass; its arguments must include VSAArguments."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    # The arguments built where none are given, as the Trainer builds TrainingArguments (a subclass's pair
+    # sets its own config class).
+    vsa_args_class = None
+
+    def __init__(self, model=None, args=None, *rest, **kwargs):
+        if args is None and self.vsa_args_class is not None:
+            args = self.vsa_args_class(output_dir="trainer_output")
+            logger.info("No `VSATrainingArguments` passed, using `output_dir=trainer_output`.")
+        super().__init__(model, args, *rest, **kwargs)
         if not isinstance(self.args, VSAArguments):
             raise TypeError(f"{type(self).__name__} needs arguments with the vsa_* fields (VSATrainingArguments, "
                             f"VSASFTConfig, or your config mixing in hf_vsa.VSAArguments), got {type(self.args).__name__}")
@@ -76,8 +83,10 @@ class VSAMixin:
                 "vsa_enabled=False.")
         self.vsa = None
         self._vsa_resume_dir = None
-        if self.args.vsa_enabled:
-            self.add_callback(_EngineCallback(self))
+        self._vsa_t0 = None
+        if self.args.vsa_enabled:  # (the handler keeps its callbacks: only call_event is added)
+            self.callback_handler.__class__ = _VSACallbackHandler
+            self.callback_handler.vsa_trainer = self
 
     # ---- the method ------------------------------------------------------------------------
     def _vsa_engine(self) -> VSAEngine:
@@ -215,13 +224,16 @@ class VSAMixin:
             measured, n = self.vsa.take_measured_loss()
             # A forward was skipped since the last log (whole-step PREDICT, or a micro-batch adaptive
             # accumulation left out): the same on every rank, decisions are from synchronised values.
+            # `loss` stays the Trainer's own (so train_loss is the mean of the logged ones); the steps
+            # that ran no forward count there with the last measured loss, and the mean over the steps
+            # whose forward ran is logged beside it.
             if self.vsa.forwards_skipped:
-                # Honest loss: the mean over steps whose forward ran, not padded with repeats.
-                logs["loss"] = self.accelerator.reduce(measured, "mean").item()  # host sync: logging steps only
+                logs["vsa/measured_loss"] = self.accelerator.reduce(measured, "mean").item()  # host sync: logging
                 logs["vsa/loss_measured_steps"] = n
                 self.vsa.forwards_skipped = 0
             self.vsa.refresh_noise(decide=False)  # every rank logs: the noise estimate's one collective
-            logs.update(self.vsa.stats())
+            # A function of the run's state only (no wall time), and nothing not yet measured (no NaN).
+            logs.update({k: v for k, v in self.vsa.stats(timing=False).items() if not (isinstance(v, float) and v != v)})
         super().log(logs, start_time)
 
     # ---- checkpoints -----------------------------------------------------------------------
@@ -239,8 +251,6 @@ class VSAMixin:
         finally:
             if self.vsa is not None:
                 self.vsa.close()  # the model leaves training without hf_vsa's hooks; statistics stay
-        if self.args.vsa_enabled and self.vsa is not None and self.args.should_save:
-            self.create_model_card()
         return out
 
     def _vsa_load(self, directory):
@@ -261,17 +271,16 @@ class VSAMixin:
             self.vsa.close()
             self.vsa = None
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if not self.args.vsa_enabled or self.vsa is None or self.args.save_only_model:
+    def _save_rng_state(self, output_dir):
+        """The Trainer writes a checkpoint's RNG state last before it pushes the checkpoint to the hub and
+        rotates old ones: hf_vsa's state goes into the folder here, so no pushed or kept checkpoint
+        lacks it. (Not with save_only_model, which saves no optimizer state either.)"""
+        super()._save_rng_state(output_dir)
+        if not self.args.vsa_enabled or self.vsa is None:
             return
         rows = self.vsa_rank_rows()  # a collective: every rank takes part, rank 0 writes
         if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
-            save_engine(self.vsa, folder, rows)
-            self.create_model_card()
-            shutil.copyfile(os.path.join(self.args.output_dir, "README.md"), os.path.join(folder, "README.md"))
+            save_engine(self.vsa, output_dir, rows)
 
     def vsa_rank_rows(self):
         """Every rank's rank-local statistics, gathered (a collective under DDP)."""
@@ -298,3 +307,5 @@ class VSAMixin:
 
 class VSATrainer(VSAMixin, Trainer):
     """transformers.Trainer whose optimizer steps go through the VSA phase controller."""
+
+    vsa_args_class = VSATrainingArguments

@@ -19,3 +19,5 @@ class VSASFTConfig(VSAArguments, SFTConfig):
 
 class VSASFTTrainer(VSAMixin, SFTTrainer):
     """trl.SFTTrainer whose optimizer steps go through the VSA phase controller."""
+
+    vsa_args_class = VSASFTConfig
