@@ -27,7 +27,7 @@ from accelerate.state import GradientState
 from transformers import Trainer, TrainerCallback, set_seed
 
 from hf_vsa import VSATrainer, VSATrainingArguments
-from tasks import gpt2_scratch_task, sentiment_task, smollm_task
+from tasks import gpt2_scratch_task, llama_scratch_task, sentiment_task, smollm_task
 
 # The seed's schedule, whole-step PREDICT on every PREDICT step, nothing gated or adapted.
 FORCED = dict(vsa_predictor="ar", vsa_warmup_steps=10, vsa_full_steps=5, vsa_predict_steps=20, vsa_correct_every=5,
@@ -48,6 +48,9 @@ CONFIGS = {
     "predict_all": dict(FORCED, vsa_predict_mode="predict"),
     "coast": dict(FORCED, vsa_predict_mode="coast"),
     "skip": dict(FORCED, vsa_predict_mode="skip"),
+    # Every skipping mechanism off (no PREDICT block, every micro-batch computed): what hf_vsa's recording
+    # and measuring cost a backprop step (the engine issue: at most 2% over the Trainer's).
+    "measure_only": {"vsa_predict_steps": 0, "vsa_adaptive_accumulation": False},
     # The plain Trainer again, after the other runs: the A/A control. Its ratios against the first run are
     # this machine's timing noise (same work, same trajectory), the yardstick for the others' small gaps.
     "trainer_again": None,
@@ -171,6 +174,9 @@ TASKS = {
                dict(steps=150, eval_every=10, batch=32, lr=1e-4, n_eval=512)),
     "gpt2_scratch": (lambda a: gpt2_scratch_task(n_eval=a.n_eval, seed=a.seed),
                      dict(steps=300, eval_every=20, batch=16, lr=1e-3, n_eval=64)),
+    # A 1B-class model from a config, for GPU checks (--quick: 2 layers of width 64, for the CPU dry run).
+    "llama_1b": (lambda a: llama_scratch_task(n_eval=a.n_eval, seed=a.seed, **(dict(layers=2, width=64) if a.quick else {})),
+                 dict(steps=30, eval_every=10, batch=8, lr=3e-4, n_eval=16)),
     "smollm": (lambda a: smollm_task(n_eval=a.n_eval, seed=a.seed),
                dict(steps=60, eval_every=10, batch=4, lr=5e-5, n_eval=32)),
     "smollm_lora": (lambda a: smollm_task(n_eval=a.n_eval, seed=a.seed, lora=True),

@@ -183,6 +183,29 @@ def regime_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+CONTROLS = ("default", "predict_all", "coast", "skip")
+
+
+def controls_table() -> str:
+    """The prediction against the sceptic's controls (results/controls_<task>.json): eval loss against the
+    Trainer at equal steps, the mean of its last 5 evaluations, and at equal wall time, per seed."""
+    lines = ["| task, seed | " + " | ".join(CONTROLS) + " |", "|---" * (len(CONTROLS) + 1) + "|"]
+    for task in TASKS:
+        path = os.path.join(ROOT, "results", f"controls_{task}.json")
+        if not os.path.exists(path):
+            lines.append(f"| {task} | " + " | ".join("not measured" for _ in CONTROLS) + " |")
+            continue
+        data = json.load(open(path))
+        accum = data.get("args", {}).get("grad_accum") or 1
+        label = task if accum == 1 else f"{task} ({accum}x, gradient accumulation)"
+        for s in data["seeds"]:
+            rows, late = {r["name"]: r for r in s["summary"]["rows"]}, _late(s)
+            cells = [f"{_fmt(late.get(c), 'pct')} / {_fmt(rows[c].get('vs_trainer_at_same_wall'), 'pct')}"
+                     if c in rows else "-" for c in CONTROLS]
+            lines.append(f"| {label}, seed {s['seed']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def benchmark_files():
     out = []
     for p in sorted(glob.glob(os.path.join(ROOT, "results", "*.json"))):
@@ -197,7 +220,11 @@ def readme_with_table(text) -> str:
         raise SystemExit(f"README.md has no generated part ({BEGIN} ... {END})")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    return head + BEGIN + "\n" + regime_table() + END + tail
+    controls = ("\nThe prediction against the sceptic's controls: the seed's schedule with every PREDICT step whole "
+                "(no forward, no backward), writing the AR prediction (`predict_all`), a zero gradient (`coast`: "
+                "AdamW moves on its momentum) or nothing (`skip`); eval loss against the Trainer at equal steps "
+                "(mean of the last 5 evaluations) / at equal wall time.\n\n")
+    return head + BEGIN + "\n" + regime_table() + controls + controls_table() + END + tail
 
 
 def targets():

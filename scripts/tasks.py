@@ -78,11 +78,10 @@ def _lm_blocks(ids, block, n_eval):
     return as_ds(train), as_ds(evl)
 
 
-def gpt2_scratch_task(block=128, n_eval=64, max_bytes=2_000_000, seed=0, layers=4, width=128):
-    """A small GPT-2 trained from scratch, byte-level (vocabulary 256), on the CPython standard
-    library sources of the running interpreter (sorted files, so the corpus is deterministic)."""
+def stdlib_bytes(max_bytes=2_000_000):
+    """The CPython standard library sources of the running interpreter as bytes (sorted files, so the
+    corpus is deterministic)."""
     import sysconfig
-    from transformers import GPT2Config, GPT2LMHeadModel
     root = sysconfig.get_paths()["stdlib"]
     data = bytearray()
     for dirpath, dirnames, files in sorted(os.walk(root)):
@@ -91,11 +90,30 @@ def gpt2_scratch_task(block=128, n_eval=64, max_bytes=2_000_000, seed=0, layers=
             if f.endswith(".py") and len(data) < max_bytes:
                 with open(os.path.join(dirpath, f), "rb") as fh:
                     data += fh.read()
-    train, evl = _lm_blocks(list(data[:max_bytes]), block, n_eval)
+    return bytes(data[:max_bytes])
+
+
+def gpt2_scratch_task(block=128, n_eval=64, max_bytes=2_000_000, seed=0, layers=4, width=128):
+    """A small GPT-2 trained from scratch, byte-level (vocabulary 256), on the CPython standard
+    library sources of the running interpreter."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    train, evl = _lm_blocks(list(stdlib_bytes(max_bytes)), block, n_eval)
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=256, n_positions=block, n_embd=width, n_layer=layers, n_head=4,
                      bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg), train, evl
+
+
+def llama_scratch_task(block=256, n_eval=16, max_bytes=2_000_000, seed=0, layers=22, width=2048):
+    """A 1B-class Llama built from a config (22 layers of width 2048: 1.1B parameters), byte-level, on the
+    CPython standard library sources: the size users fine-tune on GPUs, with no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    train, evl = _lm_blocks(list(stdlib_bytes(max_bytes)), block, n_eval)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=width, intermediate_size=width * 11 // 4, num_hidden_layers=layers,
+                      num_attention_heads=max(1, width // 128), max_position_embeddings=block, bos_token_id=0,
+                      eos_token_id=0)
+    return LlamaForCausalLM(cfg), train, evl
 
 
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -98,3 +98,35 @@ def test_fp16_on_cuda_predicts_under_the_real_grad_scaler(tmp_path, monkeypatch,
     assert len(scales) == t.vsa.phases.count("PREDICT") > 0
     assert all(s is not None and s.is_cuda for s in scales)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_warmup_full_and_predict_steps_never_sync_the_host_on_cuda(tmp_path, monkeypatch):
+    """Every call hf_vsa makes on a training step runs under sync debug mode "error" (any host sync
+    raises), but for the CORRECT steps' one measured read."""
+    from hf_vsa.accumulation import AdaptiveAccumulation
+    from hf_vsa.controller import Phase
+
+    def strict(fn, allow=lambda self: False):
+        def run(self, *a, **kw):
+            if allow(self):
+                return fn(self, *a, **kw)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(self, *a, **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return run
+
+    correct = lambda self: self.phase is Phase.CORRECT  # noqa: E731
+    for name in ("first_micro_batch", "write_prediction"):
+        monkeypatch.setattr(VSAEngine, name, strict(getattr(VSAEngine, name)))
+    monkeypatch.setattr(VSAEngine, "after_backward", strict(VSAEngine.after_backward, correct))
+    monkeypatch.setattr(VSAEngine, "begin_step", strict(VSAEngine.begin_step))
+    monkeypatch.setattr(AdaptiveAccumulation, "rescale", strict(AdaptiveAccumulation.rescale))
+    args = VSATrainingArguments(output_dir=str(tmp_path), max_steps=40, per_device_train_batch_size=8,
+                                gradient_accumulation_steps=2, report_to="none", save_strategy="no",
+                                disable_tqdm=True, logging_steps=1000, vsa_warmup_steps=3, vsa_full_steps=2,
+                                vsa_predict_steps=8, vsa_correct_every=4, vsa_adaptive_block_drop=False)
+    t = VSATrainer(model=make_model().cuda(), args=args, train_dataset=make_dataset(1024))
+    t.train()
+    assert {"WARMUP", "FULL", "PREDICT", "CORRECT"} <= set(t.vsa.phases)

@@ -118,3 +118,46 @@ def test_vsatrainer_without_arguments_builds_the_defaults(tmp_path, monkeypatch)
     t = VSATrainer(make_model())
     assert isinstance(t.args, VSATrainingArguments) and t.args.output_dir == "trainer_output"
     assert t.args.vsa_enabled
+
+
+def test_checkpoints_cross_between_the_plain_trainer_and_vsatrainer(tmp_path):
+    """The plain Trainer resumes from VSATrainer's checkpoint (the state file is one more file). VSATrainer
+    resuming from the plain Trainer's refuses, naming the argument that starts hf_vsa's state afresh, and
+    resumes with it."""
+    import pytest
+    kw = dict(save_strategy="steps", save_steps=8)
+    VSATrainer(model=make_model(), args=VSATrainingArguments(**common(tmp_path / "vsa", **kw, **SCHEDULE)),
+               train_dataset=make_dataset(256)).train()
+    plain = Trainer(model=make_model(), args=TrainingArguments(**common(tmp_path / "p", max_steps=20, **kw)),
+                    train_dataset=make_dataset(256))
+    assert plain.train(resume_from_checkpoint=str(tmp_path / "vsa" / "checkpoint-8")).global_step == 20
+    again = lambda **extra: VSATrainer(  # noqa: E731
+        model=make_model(), args=VSATrainingArguments(**common(tmp_path / "v2", max_steps=20, **kw, **extra)),
+        train_dataset=make_dataset(256))
+    with pytest.raises(FileNotFoundError, match="vsa_reset_state_on_resume=True"):
+        again().train(resume_from_checkpoint=str(tmp_path / "p" / "checkpoint-16"))
+    t = again(vsa_reset_state_on_resume=True)
+    assert t.train(resume_from_checkpoint=str(tmp_path / "p" / "checkpoint-16")).global_step == 20
+    assert t.vsa.controller.step == 4  # hf_vsa's own schedule starts at the resumed step
+
+
+def test_evaluate_and_predict_are_the_trainers_before_and_after_training(tmp_path):
+    evl = make_dataset(32, 1)
+    t = VSATrainer(model=make_model(), args=VSATrainingArguments(**common(tmp_path, **SCHEDULE)),
+                   train_dataset=make_dataset(256), eval_dataset=evl)
+    plain = Trainer(model=make_model(), args=TrainingArguments(**common(tmp_path / "p")), eval_dataset=evl)
+    assert t.evaluate()["eval_loss"] == plain.evaluate()["eval_loss"]  # no engine before training
+    t.train()
+    out = t.predict(evl)
+    assert out.predictions.shape == (32, 2) and math.isfinite(out.metrics["test_loss"])
+
+
+def test_early_stopping_stops_a_vsatrainer_run(tmp_path):
+    from transformers import EarlyStoppingCallback
+    a = VSATrainingArguments(**common(tmp_path, max_steps=200, eval_strategy="steps", eval_steps=4,
+                                      save_strategy="steps", save_steps=4, load_best_model_at_end=True,
+                                      metric_for_best_model="eval_loss", learning_rate=0.0, **SCHEDULE))
+    t = VSATrainer(model=make_model(), args=a, train_dataset=make_dataset(2048), eval_dataset=make_dataset(16, 1),
+                   callbacks=[EarlyStoppingCallback(early_stopping_patience=2)])
+    out = t.train()  # a zero learning rate: the eval loss never improves, so the run stops after 3 evaluations
+    assert out.global_step == 12

@@ -111,3 +111,10 @@ def test_one_gradient_per_step_reads_kappa_from_the_lag1_cosine():
         p.grad = torch.randn(50)
         ns.observe(step, [p.grad])
     assert ns.estimate()[0] < 0.3
+
+
+def test_bf16_gradients_norms_are_taken_in_float32():
+    from hf_vsa.noise import squared_norms
+    g = torch.randn(100_000, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    exact = g.double().pow(2).sum().item()
+    assert math.isclose(squared_norms([g])[0].item(), exact, rel_tol=1e-5)

@@ -768,3 +768,42 @@ def test_the_controls_give_predict_steps_a_zero_gradient_or_no_update(tmp_path, 
 def test_a_bad_predict_mode_is_refused_naming_the_argument(tmp_path):
     with pytest.raises(ValueError, match="vsa_predict_mode must be one of"):
         args(tmp_path, vsa_predict_mode="zero")
+
+
+def test_a_non_finite_gradient_at_a_correct_step_measures_nothing(tmp_path):
+    """An fp16-style overflow (an inf gradient) at a CORRECT step leaves the gate's running cosines as they
+    were, instead of counting a cosine of 0 that could retire tensors."""
+    model = make_model()
+    w = model.bert.encoder.layer[0].attention.self.query.weight
+    seen = []
+
+    class Poison(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            e = t.vsa
+            poison = e is not None and e.controller.counts["CORRECT"] == 1 and e.phase is Phase.PREDICT
+            self.hook = w.register_hook(lambda g: g * float("inf")) if poison else None
+            self.before = None if e is None else e.tensor_cosine.clone()
+
+        def on_step_end(self, *a, **kw):
+            if self.hook is not None:
+                self.hook.remove()
+            if t.vsa.phase is Phase.CORRECT and self.before is not None:
+                seen.append((self.hook is not None, torch.equal(self.before, t.vsa.tensor_cosine)))
+
+    # the second CORRECT step (after one that measured) gets the inf gradient if it follows a PREDICT step
+    t = VSATrainer(model=model, args=args(tmp_path, max_steps=16, max_grad_norm=0.0, **NO_BACKWARD),
+                   train_dataset=make_dataset(512), callbacks=[Poison()])
+    t.train()
+    assert (False, False) in seen  # an ordinary CORRECT step moves the running cosines
+    assert (True, True) in seen  # the poisoned one leaves them
+
+
+def test_exact_gradients_missing_on_this_rank_are_zero_filled_for_the_all_reduce(tmp_path):
+    t = VSATrainer(model=make_model(), args=args(tmp_path, max_steps=1, **SCHEDULE), train_dataset=make_dataset(64))
+    t.train()
+    e = t.vsa
+    e.computed = set(e.exact)
+    for i in e.exact:
+        e.params[i].grad = None  # this rank's batch reached none of them
+    grads = e.exact_grads()
+    assert len(grads) == len(e.exact) and all(torch.count_nonzero(g) == 0 for g in grads)
