@@ -31,7 +31,7 @@ STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "v
                   "vsa_history_window", "vsa_compression_block", "vsa_ternary_rounding", "vsa_bundle_size",
                   "vsa_probe_fraction", "vsa_ar_order", "vsa_ar_ridge")
 _ENGINE_INTS = ("step", "corrections", "cycle_n", "log_n", "tensor_measured")
-_ENGINE_TENSORS = ("cosine", "cosine_sum", "tensor_cosine", "tensor_trust")
+_ENGINE_TENSORS = ("cosine", "cosine_sum", "tensor_cosine", "tensor_trust", "tensor_gain")
 # Measured-loss sums and the micro-batch gradient norms differ by rank (each rank sees its own data):
 # saved as one row per rank (float64, so that float32 values round-trip exactly).
 RANK_LOCAL = ("cycle_loss", "log_loss", "last_loss", "noise_g2", "noise_trace")
@@ -239,6 +239,7 @@ def load_engine(engine, directory, rank=0, world=1):
     engine.phase = None if meta["engine/phase"] < 0 else Phase(meta["engine/phase"])
     engine.seconds = {k: float(v) for k, v in meta["engine/seconds"].items()}
     engine.controller.load_state_dict(meta["controller"])
+    engine.gain_host = engine.tensor_gain.tolist() if engine.corrections else None  # host sync: once, at load
     for name in ("mirror", "cycle_mirror"):
         saved = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + "/")}
         if sorted(saved) not in ([], ["slot0"], ["slot0", "slot1"]) or any(v.ndim != 1 for v in saved.values()):

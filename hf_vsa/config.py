@@ -6,6 +6,7 @@ trl.SFTConfig (hf_vsa/trl.py). A config of your own for another Trainer subclass
     class MyConfig(VSAArguments, OtherTrainer's TrainingArguments subclass): pass
 """
 from dataclasses import dataclass, field, fields
+from typing import Optional
 
 from transformers import TrainingArguments
 
@@ -211,6 +212,20 @@ class VSAArguments:
                           "spending time and memory on a prediction that has not been good enough to use. "
                           "0: never retire."},
     )
+    vsa_state_budget: float = field(
+        default=2.0,
+        metadata={"help": "The most hf_vsa's history may hold, in bytes per trainable parameter (a full int4 history "
+                          "costs about 5.7 per tracked one). Where the prediction earns full histories, they go to "
+                          "the tensors whose prediction the probe measured best against the zero gradient, best "
+                          "first, while they fit; the probe itself costs about 0.1. With the probe off (vsa_probe_fraction=0 "
+                          "or vsa_min_cosine=-1) every tensor is tracked from the start, whatever this says. > 0."},
+    )
+    vsa_track_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Only parameters whose name contains one of these strings (as PEFT's target_modules, e.g. "
+                          "['mlp', 'attn']) may get a full history and a prediction; the others get exact gradients "
+                          "or none on PREDICT steps. None: every trainable parameter."},
+    )
     vsa_probe_fraction: float = field(
         default=1 / 64,
         metadata={"help": "With the gate on (vsa_min_cosine > -1): the predictor first runs on a fixed sample of "
@@ -315,6 +330,12 @@ class VSAArguments:
             raise ValueError(f"vsa_retire_after must be >= 0 (0: never retire), got {self.vsa_retire_after}")
         if not 0.0 <= self.vsa_block_drop <= 1.0:
             raise ValueError(f"vsa_block_drop must be in [0, 1], got {self.vsa_block_drop}")
+        if not self.vsa_state_budget > 0:
+            raise ValueError(f"vsa_state_budget must be > 0 (bytes per trainable parameter), got {self.vsa_state_budget}")
+        if self.vsa_track_modules is not None and (
+                isinstance(self.vsa_track_modules, str) or not all(isinstance(m, str) and m for m in self.vsa_track_modules)):
+            raise ValueError(f"vsa_track_modules must be a list of non-empty name substrings or None, got "
+                             f"{self.vsa_track_modules!r}")
         if not 0.0 <= self.vsa_probe_fraction <= 1.0:
             raise ValueError(f"vsa_probe_fraction must be in [0, 1] (0: no probe), got {self.vsa_probe_fraction}")
         if not -1.0 <= self.vsa_min_cosine <= 1.0:

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .blocks import BlockDrop
-from .compress import TernaryAccumulator
+from .compress import TernaryAccumulator, blocks_of
 from .controller import WORTH_WINDOW, Phase, PhaseController, lower_bound, whole_step_pays
 from .flat import Deferred
 from .accumulation import MIN_MEASURED, AdaptiveAccumulation
@@ -85,6 +85,8 @@ class VSAEngine:
         self.corrections = 0
         self.tensor_cosine = torch.zeros(len(self.params), dtype=torch.float64, device=dev)  # running mean
         self.tensor_trust = torch.zeros(len(self.params), dtype=torch.float64, device=dev)  # running mean
+        self.tensor_gain = torch.zeros(len(self.params), dtype=torch.float64, device=dev)  # the probe's, running mean
+        self.gain_host = None  # host copy of tensor_gain, read at CORRECT steps
         self.last_loss = torch.zeros((), device=dev)  # last measured micro-batch loss
         self.step_loss = None  # this step's measured micro-batch losses, summed
         self.cycle_loss, self.cycle_n = torch.zeros((), device=dev), 0
@@ -122,14 +124,33 @@ class VSAEngine:
             block=a.vsa_compression_block, rounding=a.vsa_ternary_rounding, bundle=a.vsa_bundle_size, seed=a.vsa_seed,
             order=a.vsa_ar_order, ridge=a.vsa_ar_ridge)
 
+    def _within_budget(self):
+        """The tensors a full history is kept for: those vsa_track_modules names whose prediction the probe
+        measured to beat the zero gradient (running gain > 0), best first, while their history fits in
+        vsa_state_budget bytes per trainable parameter. Host values only."""
+        names = self.args.vsa_track_modules
+        allowed = [i for i, n in enumerate(self.names) if names is None or any(m in n for m in names)]
+        gains = self.gain_host or [0.0] * len(self.params)
+        order = sorted((i for i in allowed if gains[i] > 0), key=lambda i: -gains[i])
+        per_element, block = self.predictor.bytes_per_element(), self.args.vsa_compression_block
+        budget = self.args.vsa_state_budget * sum(p.numel() for p in self.params)
+        chosen, used = [], 0.0
+        for i in order:
+            cost = per_element * blocks_of(self.params[i].numel(), block) * block  # (buffers hold whole blocks)
+            if used + cost <= budget:
+                chosen.append(i)
+                used += cost
+        return chosen
+
     def end_probe(self, log=True):
-        """The prediction earned its place on the probe's sample (earned()): every tensor gets a full
-        history from now on, starting empty (vsa_skip_sparse drops the mostly-zero ones at its first
-        record); the gate then measures each tensor at the CORRECT steps that follow."""
+        """The prediction earned its place on the probe's sample (earned()): the tensors _within_budget()
+        get a full history from now on, starting empty (vsa_skip_sparse drops the mostly-zero ones at its
+        first record); the gate then measures each at the CORRECT steps that follow."""
         skipped = self.predictor.skipped
         self.probe, self.probe_done = None, True
         self.predictor = self._new_predictor(self.params)
         self.predictor.skipped = skipped  # a run's count of refused records, not a history's
+        self.predictor.set_active(self._within_budget())
         self.refresh_mask()
         promoted = self.predictor.active
         if log:
@@ -261,10 +282,13 @@ class VSAEngine:
             grads = self.probe.sample([p.grad for p in self.params])
             if inv_scale is not None:
                 grads[0].mul_(inv_scale)
+            first = self.predictor.last_t < 0
             if self.phase is Phase.CORRECT:
                 self._probe_correct(grads)
             else:
                 self.predictor.record(grads, self.step)
+            if first:  # the buffers were just allocated: the peak (host arithmetic, no sync)
+                self.peak_state_ratio = max(self.peak_state_ratio, self.state_memory_ratio())
             return
         grads = self._grads(inv_scale)
         first = self.predictor.last_t < 0  # the first record of the full predictor
@@ -301,14 +325,23 @@ class VSAEngine:
                 self.peak_state_ratio = max(self.peak_state_ratio, self.state_memory_ratio())
 
     def _probe_correct(self, grads):
-        """A CORRECT step while the probe measures: the prediction against the zero gradient, on the sample."""
+        """A CORRECT step while the probe measures: the prediction against the zero gradient, on the sample,
+        for the model (earned()) and per tensor (a segment sum over its windows: which tensors a full
+        history would serve, see end_probe)."""
+        g, p = grads[0], self.predictor.predict(self.step)[0]  # (the prediction correct() compares, below)
         cosine, rel, *_ = self.predictor.correct(grads, self.step)
         self.cosine = cosine
         self.cosine_sum += torch.nan_to_num(cosine)
         self.corrections += 1
-        rel = rel.item()  # host sync: once per CORRECT step
+        dot, p2, g2 = self.probe.windows.segment_sum(torch.stack([g * p, p * p, g * g]))
+        gain = (2 * dot - p2) / g2.clamp_min(1e-30)
+        w = 1.0 / min(self.corrections, 4)  # running mean over the last few corrections
+        # (a non-finite gradient, an fp16 overflow, measures nothing: the running means stay)
+        self.tensor_gain = torch.where(gain.isfinite(), self.tensor_gain + w * (gain - self.tensor_gain),
+                                       self.tensor_gain)
+        rel, *self.gain_host = torch.cat([rel.reshape(1).double(), self.tensor_gain]).tolist()  # host sync: once per CORRECT step
         self.controller.report_residual(rel)
-        if rel == rel:  # (an fp16 overflow measures nothing)
+        if rel == rel:
             self.earn = (self.earn + [1.0 - rel * rel])[-WORTH_WINDOW:]
 
     def _measure_admitted(self, dots, a2, p2):

@@ -313,6 +313,18 @@ class GradientPredictor:
         out[torch.tensor(self.active, device=values.device)] = values
         return out
 
+    def bytes_per_element(self) -> float:
+        """The state bytes one tracked element costs with these settings, measured on a small stand-in
+        (the same buffers: history, scales, error feedback, residual)."""
+        n = 4 * self.block
+        probe = GradientPredictor([torch.zeros(n)], kind=self.kind, decay=self.decay, residual_decay=self.residual_decay,
+                                  momentum=self.momentum, compression=self.history.kind if self.history else "none",
+                                  window=self.history.window if self.history else 8, block=self.block,
+                                  bundle=self.history.bundle if self.history else 4, order=self.order, ridge=self.ridge)
+        probe.allocate()
+        return sum(v.numel() * v.element_size() for k, v in probe.state_dict().items()
+                   if isinstance(v, torch.Tensor) and k != "skipped") / n
+
     # ---- state -----------------------------------------------------------------------------
     _SCALARS = ("sw", "st", "stt", "origin", "last_t", "residual_t", "active")
 

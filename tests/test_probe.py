@@ -90,6 +90,9 @@ NOISY = dict(per_device_train_batch_size=2, learning_rate=3e-2)
 def test_full_histories_start_once_the_prediction_beats_the_zero_gradient(tmp_path):
     t, rows = run(tmp_path, vsa_min_cosine=-0.99, vsa_retire_after=0, **SAMPLED, **PREDICTABLE)
     e = t.vsa
+    roomy, _ = run(tmp_path / "roomy", vsa_min_cosine=-0.99, vsa_retire_after=0, vsa_state_budget=100.0, **SAMPLED,
+                   **PREDICTABLE)
+    assert len(roomy.vsa.predictor.active) > len(e.predictor.active)  # a larger budget tracks more
     switch = next(k for k, r in enumerate(rows) if not r["probing"])
     assert rows[switch]["phase"] is Phase.FULL and rows[switch - 1]["phase"] is not Phase.FULL
     assert rows[switch - 1]["earned"] and all(r["probing"] for r in rows[:switch])
@@ -97,7 +100,10 @@ def test_full_histories_start_once_the_prediction_beats_the_zero_gradient(tmp_pa
     # one flat sample (the tiny model's tensors are all small: whole), then the tensors themselves
     assert rows[switch - 1]["elements"] == e.params[0].new_zeros(0).numel() + Probe(e.params, 1 / 64, 0).windows.numel
     assert rows[switch]["elements"] == sum(e.params[i].numel() for i in e.predictor.active)
-    assert len(e.predictor.active) > 0.9 * len(e.params)  # (vsa_skip_sparse leaves out the mostly-zero ones)
+    # the tensors whose prediction beat the zero gradient on the probe, best first, while they fit the budget
+    tracked = e.predictor.active
+    assert tracked and all(e.gain_host[i] > 0 for i in tracked)
+    assert 4 * max(r["state"] for r in rows[switch:]) <= e.args.vsa_state_budget  # (state: over fp32 bytes)
     # No prediction while probing, though the gate admits; from the full history's first PREDICT block on, some.
     assert all(r["predicted"] == [] for r in rows[:switch] if r["predicted"] is not None)
     assert any(r["predicted"] for r in rows[switch:] if r["predicted"] is not None)
