@@ -44,6 +44,8 @@ def arguments_md() -> str:
 def _fmt(x, kind):
     if x is None or x != x:
         return "-"
+    if x in (float("inf"), float("-inf")):
+        return "inf" if x > 0 else "-inf"
     return {"x": f"{x:.2f}x", "pct": f"{x:+.1%}", "f2": f"{x:.2f}", "f4": f"{x:.4f}", "int": f"{int(x)}"}[kind]
 
 
