@@ -239,7 +239,7 @@ class VSAMixin:
     # ---- checkpoints -----------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if self.args.vsa_enabled:
-            self._vsa_resume_dir = None  # (the engine itself is dropped in _EngineCallback.on_train_begin)
+            self._vsa_resume_dir = None  # (the engine itself is dropped at on_train_begin, _VSACallbackHandler)
             if resume_from_checkpoint:
                 if isinstance(resume_from_checkpoint, bool):
                     resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)

@@ -113,8 +113,9 @@ args = VSATrainingArguments(output_dir={out!r}, max_steps=2, per_device_train_ba
                             report_to="none", save_strategy="no", disable_tqdm=True, vsa_enabled=False)
 trainer = VSATrainer(model=tiny_model(), args=args, train_dataset=tiny_dataset(64))
 trainer.train()
-print("distributed:", trainer.accelerator.distributed_type.name, "fsdp:", trainer.is_fsdp_enabled,
-      "wrapped:", type(trainer.model_wrapped).__name__)
+if trainer.accelerator.is_main_process:  # (one line: two ranks' prints interleave)
+    print("distributed:", trainer.accelerator.distributed_type.name, "fsdp:", trainer.is_fsdp_enabled,
+          "wrapped:", type(trainer.model_wrapped).__name__, flush=True)
 trainer.accelerator.end_training()
 '''
 

@@ -42,6 +42,16 @@ def test_regime_table_numbers_come_from_the_results_files(tmp_path):
             assert f"| {regime} | {task}" in table
 
 
+def test_controls_table_numbers_come_from_the_results_files():
+    # the prediction against the sceptic's controls, a row per task-seed, every task listed
+    table = docs.controls_table()
+    assert table in (ROOT / "README.md").read_text()
+    for task in docs.TASKS:
+        assert f"| {task}" in table
+    for name in docs.CONTROLS:
+        assert f" {name} |" in table.splitlines()[0]
+
+
 def test_every_local_link_and_picture_in_the_docs_exists():
     import re
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:

