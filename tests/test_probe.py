@@ -151,3 +151,18 @@ def test_without_full_blocks_the_probe_ends_at_the_next_predict_block(tmp_path):
     first_record = next(k for k in range(switch, len(rows)) if rows[k]["phase"] is Phase.CORRECT)
     assert all(r["predicted"] == [] for r in rows[:first_record] if r["predicted"] is not None)
     assert any(r["predicted"] for r in rows[first_record:] if r["predicted"] is not None)
+
+
+def test_only_the_named_modules_get_a_full_history(tmp_path):
+    t, rows = run(tmp_path, vsa_min_cosine=-0.99, vsa_retire_after=0, vsa_state_budget=100.0,
+                  vsa_track_modules=["attention.self"], **SAMPLED, **PREDICTABLE)
+    e = t.vsa
+    assert e.probe is None and e.predictor.active
+    assert all("attention.self" in e.names[i] for i in e.predictor.active)
+
+
+def test_bad_tracking_arguments_are_refused_naming_them(tmp_path):
+    with pytest.raises(ValueError, match="vsa_state_budget must be > 0"):
+        VSATrainingArguments(output_dir=str(tmp_path), vsa_state_budget=0)
+    with pytest.raises(ValueError, match="vsa_track_modules must be a list"):
+        VSATrainingArguments(output_dir=str(tmp_path), vsa_track_modules="mlp")
