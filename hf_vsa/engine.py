@@ -60,7 +60,7 @@ class VSAEngine:
             loss_threshold=args.vsa_loss_threshold, residual_threshold=args.vsa_residual_threshold)
         # With the gate on, the predictor first tracks a sample of each tensor (probe.py); the tensors
         # still tracked after the first cycle's measurements get a full history (end_probe).
-        self.probe, self.probe_done = None, False
+        self.probe = None
         if args.vsa_probe_fraction > 0 and args.vsa_min_cosine > -1.0:
             self.probe = Probe(self.params, args.vsa_probe_fraction, args.vsa_seed)
         self.earn = []  # on the probe's sample, at the last CORRECT steps: 1 - |g - p|^2 / |g|^2 (host floats)
@@ -114,7 +114,6 @@ class VSAEngine:
     def close(self):
         """Let go of the model before another engine takes it (a new run, a reset on resume)."""
         self.dropbp.remove()
-        self.noise.remove()
 
     def _new_predictor(self, tensors):
         a = self.args
@@ -147,7 +146,7 @@ class VSAEngine:
         get a full history from now on, starting empty (vsa_skip_sparse drops the mostly-zero ones at its
         first record); the gate then measures each at the CORRECT steps that follow."""
         skipped = self.predictor.skipped
-        self.probe, self.probe_done = None, True
+        self.probe = None
         self.predictor = self._new_predictor(self.params)
         self.predictor.skipped = skipped  # a run's count of refused records, not a history's
         self.predictor.set_active(self._within_budget())

@@ -91,9 +91,6 @@ class NoiseScale:
         # one gradient per step: the whole model's lag-1 gradient cosine, on a fixed random sample of each tensor
         self.lag1 = Consistency([list(params)], device, seed) if accum == 1 else None
 
-    def remove(self):
-        """(No hooks to take off: kept for the engine's close().)"""
-
     def first(self, grads):
         """After the first computed micro-batch of a backprop step (not its last): `grads`, .grad now."""
         if self.listening and self.lag1 is None:
