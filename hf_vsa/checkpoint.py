@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .controller import WORTH_WINDOW, Phase
+from .controller import Phase
 
 logger = logging.getLogger(__name__)
 
@@ -24,28 +24,20 @@ STATE_FILE = "vsa_state.safetensors"
 # exact ones too, for whole-step PREDICT), the AR fit's settings, the noise scale and the whole-step decision;
 # 10: the exact tensors' consistency after the blocks', and the admitted predictions' recent worth;
 # 11: the probe is one flat sample of fixed windows (nothing drawn to save), the values posted for the
-# next decisions (mirror/, cycle_mirror/), the probe's measured gains, non-finite records as a tensor).
-STATE_VERSION = 11
+# next decisions (mirror/, cycle_mirror/), the probe's measured gains, non-finite records as a tensor;
+# 12: one flat history over the tracked tensors (tracker/), the prediction's state apart from the engine's).
+STATE_VERSION = 12
 # Settings whose change makes saved state meaningless.
 STATE_SETTINGS = ("vsa_predictor", "vsa_history_decay", "vsa_residual_decay", "vsa_momentum", "vsa_compression",
                   "vsa_history_window", "vsa_compression_block", "vsa_ternary_rounding", "vsa_bundle_size",
                   "vsa_probe_fraction", "vsa_ar_order", "vsa_ar_ridge")
-_ENGINE_INTS = ("step", "corrections", "cycle_n", "log_n", "tensor_measured")
-_ENGINE_TENSORS = ("cosine", "cosine_sum", "tensor_cosine", "tensor_trust", "tensor_gain")
+_ENGINE_INTS = ("step", "cycle_n", "log_n")
 # Measured-loss sums and the micro-batch gradient norms differ by rank (each rank sees its own data):
 # saved as one row per rank (float64, so that float32 values round-trip exactly).
 RANK_LOCAL = ("cycle_loss", "log_loss", "last_loss", "noise_g2", "noise_trace")
 # The whole-step decision and what it was made from (host values, the same on every rank).
-_ENGINE_HOST = ("whole", "admitted_cosine", "admitted_energy", "kappa", "forwards_skipped")
+_ENGINE_HOST = ("whole", "kappa", "forwards_skipped")
 _MICRO_HOST = ("target", "seen", "computed")  # adaptive accumulation's decision and counts
-
-
-def by_name(key, names):
-    """A per-tensor state key "kind.i" as saved: "kind.<parameter name>" (other keys unchanged)."""
-    if "." not in key:
-        return key
-    kind, i = key.split(".")
-    return f"{kind}.{names[int(i)]}"
 
 
 def rank_local(engine):
@@ -56,18 +48,15 @@ def rank_local(engine):
 def engine_state(engine, rows=None):
     """`rows`: the gathered [world, len(RANK_LOCAL)] rank-local statistics (this rank's alone: None)."""
     tensors, meta = {}, {}
-    for key, value in engine.predictor.state_dict().items():
-        if isinstance(value, torch.Tensor):  # per-parameter buffers: named by the parameter, not by index
-            tensors[f"predictor/{by_name(key, engine.names)}"] = value
+    for key, value in engine.tracker.state_dict().items():  # (per-tensor values: indexed as the parameters)
+        if isinstance(value, torch.Tensor):
+            tensors[f"tracker/{key}"] = value
         else:
-            meta[f"predictor/{key}"] = value
+            meta[f"tracker/{key}"] = value
     for name in ("mirror", "cycle_mirror"):  # the values the next decisions read (posted, not yet read)
         for key, value in getattr(engine, name).state_dict().items():
             tensors[f"{name}/{key}"] = value
     meta["engine/mirror_meta"] = [list(m) for m in engine.mirror_meta]
-    meta["engine/earn"] = list(engine.earn)
-    for name in _ENGINE_TENSORS:
-        tensors[f"engine/{name}"] = getattr(engine, name)
     tensors["engine/rank_local"] = rank_local(engine)[None] if rows is None else rows
     for key, value in engine.consistency.state_dict().items():
         if isinstance(value, torch.Tensor):
@@ -86,12 +75,8 @@ def engine_state(engine, rows=None):
     for name in _MICRO_HOST:
         meta[f"micro/{name}"] = getattr(engine.micro, name)
     meta["engine/drop"] = list(engine.drop)
-    meta["engine/worth"] = list(engine.worth)
     for name in _ENGINE_INTS:
         meta[f"engine/{name}"] = getattr(engine, name)
-    meta["engine/closed"] = list(engine.closed)
-    meta["engine/peak_state_ratio"] = engine.peak_state_ratio
-    meta["engine/probing"] = engine.probe is not None
     meta["engine/phase"] = -1 if engine.phase is None else int(engine.phase)
     meta["engine/seconds"] = engine.seconds
     meta["controller"] = engine.controller.state_dict()
@@ -135,42 +120,18 @@ def load_engine(engine, directory, rank=0, world=1):
     changed = {k: (meta["settings"].get(k), v) for k, v in settings.items() if meta["settings"].get(k) != v}
     if changed:
         raise ValueError(f"{path}: saved with different settings (saved, now): {changed}")
-    probing = meta.get("engine/probing")
-    if probing and engine.probe is None:
-        raise ValueError(f"{path}: saved while the predictor measured a sample of each tensor (vsa_probe_fraction="
-                         f"{engine.args.vsa_probe_fraction}), but this run has no probe (vsa_min_cosine=-1 turns it "
-                         "off); resume with the saved vsa_min_cosine")
-    if not probing and engine.probe is not None:  # saved after the probe ended: full histories
-        engine.end_probe(log=False)
-    try:  # the tensors the state tracks decide the buffers' shapes checked below
-        engine.predictor.set_active(meta["predictor/active"])
+    names = {k for k in list(tensors) + list(meta) if k.startswith("tracker/")}
+    expected = {f"tracker/{k}" for k in engine.tracker.state_dict()}  # (its keys follow from the settings)
+    if names != expected:
+        raise ValueError(f"{path}: tracker state keys differ: missing {sorted(expected - names)[:3]}, "
+                         f"unexpected {sorted(names - expected)[:3]}")
+    try:  # rebuilds the saved layout (probe's sample, or the tracked tensors), then checks every shape
+        engine.tracker.load_state_dict({k[len("tracker/"):]: tensors[k] if k in tensors else meta[k] for k in names})
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: bad predictor/active ({type(e).__name__}: {e})") from e
-    expected, _ = engine_state(engine)
-    # (noise/ and the posted values are checked on their own below)
-    noise = lambda keys: {k for k in keys if not k.startswith(("noise/", "mirror/", "cycle_mirror/"))}  # noqa: E731
-    missing, unexpected = sorted(noise(expected) - noise(tensors)), sorted(noise(tensors) - noise(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: tensors do not match the model's trainable parameters; "
-                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for k, v in expected.items():  # the predictor checks its own tensors' shapes, below
-        if k.startswith("engine/") and k != "engine/rank_local":
-            if tensors[k].shape != v.shape or tensors[k].dtype != v.dtype:
-                raise ValueError(f"{path}: {k} is {tuple(tensors[k].shape)} {tensors[k].dtype}, "
-                                 f"the model needs {tuple(v.shape)} {v.dtype}")
+        raise ValueError(f"{path}: bad tracker state ({type(e).__name__}: {e}); it depends on the model's trainable "
+                         "parameters and the hf_vsa settings: resume with the saved ones, or pass "
+                         "vsa_reset_state_on_resume=True") from e
     dev = engine.params[0].device
-    pred = {}
-    for key, value in engine.predictor.state_dict().items():
-        if isinstance(value, torch.Tensor):
-            pred[key] = tensors[f"predictor/{by_name(key, engine.names)}"]
-        else:
-            pred[key] = meta[f"predictor/{key}"]
-    try:  # allocates the buffers if the file holds records, checks shapes, copies onto the device
-        engine.predictor.load_state_dict(pred, names=engine.names)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
-    for name in _ENGINE_TENSORS:
-        setattr(engine, name, tensors[f"engine/{name}"].to(dev))
     try:
         restored = engine.consistency.load_state_dict(
             {k: tensors[f"consistency/{k}"] if isinstance(v, torch.Tensor) else meta[f"consistency/{k}"]
@@ -212,11 +173,6 @@ def load_engine(engine, directory, rank=0, world=1):
         raise ValueError(f"{path}: engine/drop must list one probability in [0, 1] per droppable block "
                          f"({len(engine.blocks)}), got {str(drop)[:80]}")
     engine.drop = [float(d) for d in drop]
-    worth = meta.get("engine/worth")
-    if (not isinstance(worth, list) or len(worth) > WORTH_WINDOW
-            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in worth)):
-        raise ValueError(f"{path}: engine/worth must list at most {WORTH_WINDOW} numbers, got {str(worth)[:80]}")
-    engine.worth = [float(w) for w in worth]
     rows = tensors["engine/rank_local"]
     sizes = [getattr(engine, k).numel() for k in RANK_LOCAL]
     if rows.ndim != 2 or rows.shape[1] != sum(sizes):
@@ -229,30 +185,18 @@ def load_engine(engine, directory, rank=0, world=1):
         engine.noise_g2, engine.noise_trace = torch.zeros_like(engine.noise_g2), torch.zeros_like(engine.noise_trace)
     for name in _ENGINE_INTS:
         setattr(engine, name, int(meta[f"engine/{name}"]))
-    closed = meta["engine/closed"]
-    if (not isinstance(closed, list) or len(closed) != len(engine.params)
-            or not all(isinstance(c, int) and c >= 0 for c in closed)):
-        raise ValueError(f"{path}: engine/closed must list one count per predicted tensor ({len(engine.params)} "
-                         f"ints >= 0), got {str(closed)[:80]}")
-    engine.closed = closed
-    engine.peak_state_ratio = float(meta["engine/peak_state_ratio"])
     engine.phase = None if meta["engine/phase"] < 0 else Phase(meta["engine/phase"])
     engine.seconds = {k: float(v) for k, v in meta["engine/seconds"].items()}
     engine.controller.load_state_dict(meta["controller"])
-    engine.gain_host = engine.tensor_gain.tolist() if engine.corrections else None  # host sync: once, at load
     for name in ("mirror", "cycle_mirror"):
         saved = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + "/")}
         if sorted(saved) not in ([], ["slot0"], ["slot0", "slot1"]) or any(v.ndim != 1 for v in saved.values()):
             raise ValueError(f"{path}: {name}/ must hold slot0 and slot1 (1-D), got {sorted(saved)}")
         getattr(engine, name).load_state_dict(saved, dev)
-    mirror_meta, earn = meta.get("engine/mirror_meta"), meta.get("engine/earn")
+    mirror_meta = meta.get("engine/mirror_meta")
     if (not isinstance(mirror_meta, list) or len(mirror_meta) != len(engine.mirror.slots)
             or not all(isinstance(m, list) and len(m) == 2 for m in mirror_meta)):
         raise ValueError(f"{path}: engine/mirror_meta must list one [noise measured, consistency measured] per "
                          f"mirror slot, got {str(mirror_meta)[:80]}")
     engine.mirror_meta = [tuple(int(x) for x in m) for m in mirror_meta]
-    if not isinstance(earn, list) or len(earn) > WORTH_WINDOW or not all(isinstance(w, (int, float)) for w in earn):
-        raise ValueError(f"{path}: engine/earn must list at most {WORTH_WINDOW} numbers, got {str(earn)[:80]}")
-    engine.earn = [float(w) for w in earn]
-    engine.refresh_mask()
     return path

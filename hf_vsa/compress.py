@@ -32,6 +32,7 @@ import torch
 COMPRESSIONS = ("none", "ternary", "int4", "vsa")
 ROUNDINGS = ("deterministic", "stochastic")
 _KEY_CHUNK = 1 << 20  # keys are generated this many elements at a time
+GRAM_CHUNK = 1 << 22  # a flat history's records are decoded this many elements at a time for the AR fit
 
 _luts = {}
 
@@ -259,28 +260,46 @@ class CompressedHistory:
         what weighted_sum reads for it (for vsa: unbound from its bundle, with the others' crosstalk)."""
         return self.weighted_sum({k: 1.0}, [i], padded=True)[0]
 
-    def records(self, i, slots, at=None):
+    def records(self, i, slots, at=None, rows=None):
         """[len(slots), blocks * block] the records of tensor i in `slots`, each as decode() reads it,
         decoded together (one unpack per tensor, not one per record: the AR fit reads them all at
         every refit, and on a model of a few hundred tensors the per-record calls cost more than
-        the arithmetic). `at`: `slots` as an index tensor on the tensor's device, if the caller has one."""
+        the arithmetic). `at`: `slots` as an index tensor on the tensor's device, if the caller has one.
+        `rows`: (first, end) block range to decode (default: all blocks)."""
+        b0, b1 = rows or (0, blocks_of(self.params[i].numel(), self.block))
         if self.kind == "vsa":  # unbinding reads each record's bundle and key
-            return torch.stack([self.decode(i, k) for k in slots])
+            return torch.stack([self.decode(i, k) for k in slots])[:, b0 * self.block:b1 * self.block]
         if at is None or at.device != self.codes[i].device:
             at = torch.tensor(slots, device=self.codes[i].device)
         if self.kind == "none":
-            return self.codes[i][at]
-        r = unpack(self.codes[i][at], self.bits).view(len(slots), -1, self.block) * self.scales[i][at][:, :, None]
+            return self.codes[i][at][:, b0 * self.block:b1 * self.block]
+        per = self.block * self.bits // 8  # bytes per block
+        r = (unpack(self.codes[i][at][:, b0 * per:b1 * per], self.bits).view(len(slots), -1, self.block)
+             * self.scales[i][at][:, b0:b1, None])
         newest = (self.next - 1) % self.window
         if newest in slots:  # the newest record's rounding error, not yet carried (as weighted_sum adds it)
-            r[slots.index(newest)] += self._error(i)
+            r[slots.index(newest)] += self._error(i)[b0:b1]
         return r.view(len(slots), -1)
 
-    def gram(self, index, slots):
+    def gram(self, index, slots, groups=None):
         """[len(index), n, n] float64 inner products of each tensor's records in `slots` (order kept).
-        One tensor's n records are decoded at a time: peak memory n times the largest tensor."""
+        One tensor's n records are decoded at a time: peak memory n times the largest tensor.
+        `groups` (block owner [blocks], number of groups), for one flat tensor (index [0]): the inner
+        products per group of its blocks instead, [groups, n, n], decoded GRAM_CHUNK elements at a time
+        (a few ops per chunk, whatever the number of groups)."""
         out, slots = [], list(slots)
         at = torch.tensor(slots, device=self.params[0].device)  # one index copy for all tensors, not one each
+        if groups is not None:
+            owner, n_groups = groups
+            n, blocks = len(slots), blocks_of(self.params[0].numel(), self.block)
+            total = torch.zeros(n_groups, n, n, dtype=torch.float64, device=owner.device)
+            step = max(1, GRAM_CHUNK // self.block)
+            for b0 in range(0, blocks, step):
+                b1 = min(blocks, b0 + step)
+                r = self.records(0, slots, at, (b0, b1)).view(n, b1 - b0, self.block)
+                per_block = torch.einsum("jbk,lbk->bjl", r, r).double()  # [blocks, n, n]
+                total.index_add_(0, owner[b0:b1], per_block)
+            return total
         for i in index:
             r = self.records(i, slots, at)
             out.append((r @ r.T).double())
@@ -303,7 +322,8 @@ class CompressedHistory:
         out = []
         for n, i in enumerate(range(len(self.params)) if index is None else index):
             p = self.params[i]
-            w_of = lambda w: w[n] if isinstance(w, torch.Tensor) else w  # noqa: E731 (this tensor's weight)
+            # this tensor's weight: a host float, a 0-dim tensor, or [blocks] (per block: a flat history's groups)
+            w_of = lambda w: w[n].reshape(-1, 1) if isinstance(w, torch.Tensor) else w  # noqa: E731
             acc = torch.zeros(blocks_of(p.numel(), self.block), self.block, device=p.device)
             if self.kind == "none":
                 for k, w in slots:

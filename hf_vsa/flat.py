@@ -28,57 +28,86 @@ def host_list(t):
 
 class Windows:
     """Per tensor, `pieces` contiguous windows at seeded offsets, `per_tensor` elements in all (the whole
-    tensor where it has no more), chosen once from (seed, tag, tensor): the same on every rank and
-    resume, never saved. `gather(tensors)` is their elements concatenated, times `scale` (each sampled
-    element stands for numel / sampled of its tensor: scaled by the square root of that, inner
-    products of samples estimate the whole tensors', where a weight matrix outweighs a bias by its
-    size). `groups`: per element, its group (default: its tensor), for `segment_sum`."""
+    tensor where it has no more, or where `fraction` is 1), chosen once from (seed, tag, tensor): the same
+    on every rank and resume, never saved. `gather(tensors)` is their elements concatenated, times `scale`
+    (each sampled element stands for numel / sampled of its tensor: scaled by the square root of that,
+    inner products of samples estimate the whole tensors', where a weight matrix outweighs a bias by its
+    size). `groups`: per element, its group (default: its tensor), for `segment_sum`. `select`: the
+    tensors sampled (default: all; the others have no element). `align`: each tensor's sample is padded
+    with zeros to whole multiples of it, so a block of `align` elements belongs to one tensor
+    (`block_owner`) and a tensor's blocks can be kept or dropped together."""
 
-    def __init__(self, params, per_tensor, seed, tag, groups=None, scaled=True, fraction=0.0):
+    def __init__(self, params, per_tensor, seed, tag, groups=None, scaled=True, fraction=0.0, select=None, align=1):
         self.params = list(params)
+        chosen = set(range(len(self.params)) if select is None else select)
         self.slices = []  # per tensor: [(start, length)]
-        self.lengths = []
+        self.lengths = []  # per tensor: sampled elements (0: not sampled)
+        self.padded = []  # per tensor: sampled elements plus the zeros that align it
         for i, p in enumerate(self.params):
             n = p.numel()
-            k = min(n, max(per_tensor, math.ceil(fraction * n)))
-            if k == n:
-                self.slices.append([(0, n)])
-                self.lengths.append(n)
-                continue
-            pieces = min(PIECES, k)
-            size = -(-k // pieces)
-            gen = torch.Generator().manual_seed(mix_seed(seed, tag, i))  # host generator: same everywhere
-            starts = sorted(host_list(torch.randint(0, n - size + 1, (pieces,), generator=gen)))
-            # windows may overlap where the tensor is small: each is a sample all the same
-            self.slices.append([(s, size) for s in starts])
-            self.lengths.append(size * pieces)
-        self.numel = sum(self.lengths)
+            k = min(n, max(per_tensor, math.ceil(fraction * n))) if i in chosen else 0
+            if k in (0, n):
+                self.slices.append([(0, n)] if k else [])
+            else:
+                pieces = min(PIECES, k)
+                size = -(-k // pieces)
+                gen = torch.Generator().manual_seed(mix_seed(seed, tag, i))  # host generator: same everywhere
+                starts = sorted(host_list(torch.randint(0, n - size + 1, (pieces,), generator=gen)))
+                # windows may overlap where the tensor is small: each is a sample all the same
+                self.slices.append([(s, size) for s in starts])
+                k = size * pieces
+            self.lengths.append(k)
+            self.padded.append(-(-k // align) * align)
+        self.align = align
+        self.numel = sum(self.padded)
+        self.offsets = [sum(self.padded[:i]) for i in range(len(self.padded))]
         dev = self.params[0].device
-        owner = [i for i, k in enumerate(self.lengths)] if groups is None else groups
+        owner = list(range(len(self.params))) if groups is None else groups
         self.n_groups = (max(owner) + 1) if owner else 0
         self.segment = torch.repeat_interleave(torch.tensor(owner, dtype=torch.long),
-                                               torch.tensor(self.lengths)).to(dev)
-        weights = [(p.numel() / k) ** 0.5 if scaled else 1.0 for p, k in zip(self.params, self.lengths)]
-        self.scale = torch.repeat_interleave(torch.tensor(weights, dtype=torch.float32),
-                                             torch.tensor(self.lengths)).to(dev)
-        self._zero = torch.zeros(max(self.lengths) if self.lengths else 0, device=dev)  # stands in for None
+                                               torch.tensor(self.padded)).to(dev)
+        self.block_owner = torch.repeat_interleave(torch.tensor(owner, dtype=torch.long),
+                                                   torch.tensor(self.padded) // align).to(dev)
+        self.covered = torch.tensor([k > 0 for k in self.lengths], dtype=torch.bool).to(dev)  # per tensor
+        weights = [(p.numel() / k) ** 0.5 if scaled and k else 1.0 for p, k in zip(self.params, self.lengths)]
+        self.scale = None
+        if scaled:
+            self.scale = torch.repeat_interleave(torch.tensor(weights, dtype=torch.float32),
+                                                 torch.tensor(self.padded)).to(dev)
+        self._zero = torch.zeros(max(self.padded, default=0), device=dev)  # stands in for None, and pads
 
     def gather(self, tensors):
         """Flat fp32 sample of `tensors` (one per parameter; None reads as zeros), scaled: a cat of views."""
         parts = []
-        for t, slices, k in zip(tensors, self.slices, self.lengths):
+        for t, slices, k, padded in zip(tensors, self.slices, self.lengths, self.padded):
             if t is None:
-                parts.append(self._zero[:k])
+                parts.append(self._zero[:padded])
                 continue
             flat = t.reshape(-1)
             parts.extend(flat[s:s + n] for s, n in slices)
-        out = torch.cat(parts)
+            if padded > k:
+                parts.append(self._zero[:padded - k])
+        out = torch.cat(parts) if parts else self._zero[:0].clone()
         if out.dtype != torch.float32:
             out = out.float()
-        return out.mul_(self.scale)
+        return out if self.scale is None else out.mul_(self.scale)
 
     def grads(self):
         return self.gather([p.grad for p in self.params])
+
+    def views(self, flat):
+        """{tensor: its elements of `flat` (a tensor shaped like gather's) as a view shaped like it}, for
+        the tensors sampled whole (no op: views)."""
+        return {i: flat[o:o + k].view_as(p) for i, (p, o, k) in enumerate(zip(self.params, self.offsets, self.lengths))
+                if k and k == p.numel()}
+
+    def blocks_of(self, index):
+        """The `align`-blocks of the tensors in `index`, in order (host list)."""
+        out = []
+        for i in index:
+            start = self.offsets[i] // self.align
+            out.extend(range(start, start + self.padded[i] // self.align))
+        return out
 
     def segment_sum(self, x, dtype=torch.float64):
         """Per group, the sum of x's elements (x: [..., numel]) -> [..., groups]: one index_add_."""

@@ -57,7 +57,7 @@ class GradientPredictor:
 
     def __init__(self, params, kind="wls", decay=0.95, residual_decay=0.5, momentum=0.9,
                  compression="none", window=8, block=256, rounding="deterministic", bundle=4, seed=0,
-                 order=2, ridge=1e-3):
+                 order=2, ridge=1e-3, groups=None):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.params = list(params)
@@ -65,6 +65,11 @@ class GradientPredictor:
             raise ValueError("GradientPredictor needs at least one tensor to track")
         self.kind, self.decay, self.residual_decay, self.momentum = kind, decay, residual_decay, momentum
         self.block, self.order, self.ridge = block, order, ridge
+        # One flat tensor standing for many (flat.Windows, aligned to `block`): (the group of each of its
+        # blocks [blocks], number of groups); the AR fit is then one per group, as it is one per tensor.
+        if groups is not None and len(self.params) != 1:
+            raise ValueError("GradientPredictor: groups apply to a single flat tensor")
+        self.groups = groups
         self._fit = None  # ar: (newest record's step, active tensors, coefficients [len(active), order])
         self.history = None
         if compression == "none" and kind != "ar":  # (ar needs the records themselves: an fp32 ring)
@@ -127,6 +132,35 @@ class GradientPredictor:
             for i, x in enumerate(xs):
                 if i not in keep and x.numel():
                     xs[i] = x.new_empty(0)
+
+    def compact(self, keep, stand_in, groups=None) -> bool:
+        """A single flat tensor (flat.Windows aligned to `block`) loses some of its tensors: keep only the
+        blocks in `keep` (a device index tensor, in order), records and fit included, and track
+        `stand_in` (that many blocks) from now on. vsa bundles bind each position to a key drawn for the
+        whole tensor, so their records cannot be cut: False, and the caller starts a new history."""
+        if len(self.params) != 1 or (self.history is not None and self.history.kind == "vsa"):
+            return False
+        b = self.block
+
+        def cut(x, per_block):  # x: [..., blocks * per_block] or [..., blocks] (per_block 1)
+            if not x.numel():
+                return x
+            lead = x.shape[:-1]
+            return x.reshape(*lead, -1, per_block).index_select(len(lead), keep).reshape(*lead, -1)
+        for name, per in (("g0", b), ("g1", b), ("residual", b), ("rcodes", b // 2), ("rscales", 1)):
+            xs = getattr(self, name)
+            if xs:
+                xs[0] = cut(xs[0], per)
+        h = self.history
+        if h is not None:
+            per = b if h.kind == "none" else b * h.bits // 8
+            h.codes[0], h.scales[0] = cut(h.codes[0], per), cut(h.scales[0], 1)
+            h.error[0], h.error_scales[0] = cut(h.error[0], b), cut(h.error_scales[0], 1)
+            h.params = [stand_in]
+        self.params = [stand_in]
+        self.groups = groups
+        self._fit = None
+        return True
 
     # ---- recording -------------------------------------------------------------------------
     def _pick(self, xs):
@@ -203,21 +237,26 @@ class GradientPredictor:
 
     def ar_coefficients(self):
         """(record steps oldest first, their slots, {tensor: row}, coefficients [rows, order]) of the AR
-        fit over the ring's records, refitted only when a record has come in since the last fit."""
+        fit over the ring's records, refitted only when a record has come in since the last fit (rows:
+        the active tensors, or a flat tensor's groups)."""
         filled = sorted(self.history.filled(), key=lambda kt: kt[1])
         slots, times = [k for k, _ in filled], [t for _, t in filled]
         key = (tuple(times), tuple(self.active))
         if self._fit is None or self._fit[0] != key:
-            gram = self.history.gram(self.active, slots)
+            gram = self.history.gram(self.active, slots, self.groups)
             self._fit = key, ar_fit(gram, times, self.order, self.ridge)
         rows = {i: r for r, i in enumerate(self.active)}
         return times, slots, rows, self._fit[1]
 
     def ar_weights(self, t: int, index) -> dict:
-        """{slot: per-tensor weights over `index`} of the AR forecast of step t (device tensors)."""
+        """{slot: per-tensor weights over `index`} of the AR forecast of step t (device tensors; for a flat
+        tensor with groups, [1, blocks]: each block weighted by its group's forecast)."""
         if not self.history.filled():
             return {}
         times, slots, rows, coeffs = self.ar_coefficients()
+        if self.groups is not None:
+            w = ar_weights(coeffs, times, t).float()[self.groups[0]]  # [blocks, n]
+            return {k: w[None, :, j] for j, k in enumerate(slots)}
         picked = coeffs[[rows[i] for i in index]]
         w = ar_weights(picked, times, t).float()  # [len(index), n]
         return {k: w[:, j] for j, k in enumerate(slots)}
@@ -278,7 +317,8 @@ class GradientPredictor:
         """At a CORRECT step: compare the prediction for t with the actual gradient, learn the
         residual (actual - fit), then record. Returns device tensors: (cosine, relative residual,
         per-tensor cosine, per-tensor trust, per-tensor [<g, p>, |g|^2, |p|^2] as a [3, tensors]
-        tensor), NaN where the gradient was not finite (or the tensor is not tracked). A tensor's
+        tensor, the prediction compared: one per active tensor), NaN where the gradient was not finite
+        (or the tensor is not tracked). A tensor's
         trust is the least-squares scale of its prediction p against the actual gradient g,
         <g, p> / |p|^2 (the multiple of p closest to g), clipped to [0, 1]."""
         full_grads = grads
@@ -303,7 +343,7 @@ class GradientPredictor:
         if fresh is not None:  # (a non-finite step learns a zero residual: decided on the device)
             self._learn_residual([torch.where(finite, r, 0.0) for r in fresh], t)
         # NaN where the gradient was not finite (an fp16 overflow measures nothing)
-        return cosine, rel_residual, per_tensor, trust, parts
+        return cosine, rel_residual, per_tensor, trust, parts, pred
 
     def _spread(self, values):
         """Per-active-tensor values -> one per tensor, NaN for the inactive ones."""

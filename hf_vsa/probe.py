@@ -12,8 +12,10 @@ products over the sample estimate the whole model's, where a weight matrix outwe
 
 At CORRECT steps the engine measures on the sample whether the prediction beats the zero gradient
 (the optimizer coasting on its momentum) as an estimate of the step's gradient, and gives the
-tensors a full history (VSAEngine.end_probe) only once that is measurably so; until then PREDICT
+tensors a full history (tracking.Tracker.promote) only once that is measurably so; until then PREDICT
 steps give the predicted tensors no update. The windows follow from the seed alone: nothing to save.
+Each tensor's windows are padded to whole compression blocks (`align`), so the AR fit is one per tensor
+on the sample as it is on the full history.
 """
 import torch
 
@@ -24,12 +26,16 @@ from .flat import Windows
 MIN_ELEMENTS = 4096
 
 
-class Probe:
-    """The sample (flat.Windows over the tensors) and its stand-in: one flat tensor shaped like it,
-    for the predictor to track."""
+def probe_windows(params, fraction, seed, align=1):
+    """The probe's sample of `params` (flat.Windows)."""
+    return Windows(params, MIN_ELEMENTS, seed, 4, fraction=fraction, align=align)
 
-    def __init__(self, params, fraction, seed):
-        self.windows = Windows(params, MIN_ELEMENTS, seed, 4, fraction=fraction)
+
+class Probe:
+    """The sample and its stand-in: one flat tensor shaped like it, for a predictor to track."""
+
+    def __init__(self, params, fraction, seed, align=1):
+        self.windows = probe_windows(params, fraction, seed, align)
         self.stand_ins = [params[0].new_zeros(1, dtype=torch.float32).expand(self.windows.numel)]
 
     def sample(self, grads):

@@ -10,18 +10,18 @@ def engine_stats(engine, timing=True) -> dict:
            "vsa/backward_fraction": backward / steps if steps else 1.0}
     out.update({f"vsa/steps_{k.lower()}": v for k, v in c.items()})
     out["vsa/backward_passes_skipped"] = c["PREDICT"]
-    out["vsa/prediction_cosine"] = engine.cosine.item()  # host sync: logging steps only
+    t = engine.tracker
+    out["vsa/prediction_cosine"] = t.cosine.item()  # host sync: logging steps only
     out["vsa/prediction_cosine_mean"] = (
-        (engine.cosine_sum / engine.corrections).item() if engine.corrections else float("nan"))  # host sync: logging
+        (t.cosine_sum / t.corrections).item() if t.corrections else float("nan"))  # host sync: logging
     bw_time = sum(engine.seconds[k] for k in ("WARMUP", "FULL", "CORRECT"))
     total = sum(engine.seconds.values())
     if timing:  # measured wall time: for the model card and summaries, never per-step logs
         out["vsa/speedup_estimate"] = (steps * bw_time / backward / total) if backward and total else 1.0
-    out["vsa/nonfinite_records_skipped"] = int(engine.predictor.skipped)  # host sync: logging steps only
-    out["vsa/predicted_tensor_fraction"] = 0.0 if engine.probe is not None else sum(engine.predict_mask) / len(
-        engine.predict_mask)
-    out["vsa/probing"] = float(engine.probe is not None)
-    out["vsa/tracked_tensor_fraction"] = len(engine.predictor.active) / len(engine.params)
+    out["vsa/nonfinite_records_skipped"] = int(t.skipped)  # host sync: logging steps only
+    out["vsa/predicted_tensor_fraction"] = 0.0 if t.probing else sum(t.predict_mask) / len(t.predict_mask)
+    out["vsa/probing"] = float(t.probing)
+    out["vsa/tracked_tensor_fraction"] = len(t.tracked) / len(engine.params)
     if engine.blocks:
         out["vsa/block_drop_mean"] = sum(engine.drop) / len(engine.drop)
         out["vsa/block_consistency_mean"] = engine.consistency.mean[:-1].mean().item()  # host sync: logging steps only
@@ -32,8 +32,8 @@ def engine_stats(engine, timing=True) -> dict:
     if engine.accum > 1:
         out["vsa/micro_batches"] = engine.micro.target
         out["vsa/micro_batch_fraction"] = engine.micro.computed / engine.micro.seen if engine.micro.seen else 1.0
-    out["vsa/admitted_cosine"], out["vsa/admitted_energy"] = engine.admitted_cosine, engine.admitted_energy
-    out["vsa/state_memory_ratio"] = engine.state_memory_ratio()
-    engine.peak_state_ratio = max(engine.peak_state_ratio, out["vsa/state_memory_ratio"])
-    out["vsa/state_memory_peak_ratio"] = engine.peak_state_ratio
+    out["vsa/admitted_cosine"], out["vsa/admitted_energy"] = t.admitted_cosine, t.admitted_energy
+    out["vsa/state_memory_ratio"] = t.state_memory_ratio()
+    t.peak_state_ratio = max(t.peak_state_ratio, out["vsa/state_memory_ratio"])
+    out["vsa/state_memory_peak_ratio"] = t.peak_state_ratio
     return out

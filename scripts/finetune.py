@@ -114,8 +114,8 @@ def summary(name, data_name, trainer, clock, out, metrics, args):
         stats = vsa.stats()
         print(f"speedup estimate       {stats['vsa/speedup_estimate']:.2f}x per step (this run's mean backprop-step "
               "time x steps / its total; --compare measures the Trainer side by side)")
-        print(f"VSA state memory       {vsa.peak_state_ratio:.2f}x the trainable parameters' fp32 bytes at its peak, "
-              f"{vsa.state_memory_ratio():.2f}x at the end (vsa_compression={args.vsa_compression})")
+        print(f"VSA state memory       {vsa.tracker.peak_state_ratio:.2f}x the trainable parameters' fp32 bytes at its peak, "
+              f"{vsa.tracker.state_memory_ratio():.2f}x at the end (vsa_compression={args.vsa_compression})")
 
 
 def main(argv=None):

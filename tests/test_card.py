@@ -41,7 +41,7 @@ def test_card_statistics_equal_the_trainer_counters(trained):
     assert (f"| Full backward passes | {20 - c['PREDICT']} of 20 optimizer steps ({c['PREDICT']} PREDICT steps, "
             f"{whole} of them whole-step) |") in text
     assert "vsa_exact_fraction: 0.2" in text
-    peak, end = t.vsa.peak_state_ratio, t.vsa.state_memory_ratio()
+    peak, end = t.vsa.tracker.peak_state_ratio, t.vsa.tracker.state_memory_ratio()
     assert 0 < peak and end <= peak  # retirement only frees buffers
     assert (f"| VSA state memory | {peak:.2f}x the trainable parameters' fp32 bytes at its peak, {end:.2f}x at the "
             "end |") in text

@@ -67,8 +67,8 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, straight, at):
     if not kw.get("vsa_adaptive_block_drop", False):
         assert t.vsa.phases[at - 1] != "FULL"
     resumed_model, r = train(tmp_path, resume=str(out / f"checkpoint-{at}"), **kw)
-    assert r.vsa.predict_mask == t.vsa.predict_mask
-    assert r.vsa.predictor.active == t.vsa.predictor.active
+    assert r.vsa.tracker.predict_mask == t.vsa.tracker.predict_mask
+    assert r.vsa.tracker.tracked == t.vsa.tracker.tracked
     assert r.vsa.phases == t.vsa.phases[at:]
     assert r.vsa.whole_steps == [s for s in t.vsa.whole_steps if s >= at]
     assert (r.vsa.micro.seen, r.vsa.micro.computed, r.vsa.micro.target) == (
@@ -94,13 +94,13 @@ def test_resume_across_the_end_of_the_probe_equals_the_uninterrupted_run(tmp_pat
     out = tmp_path / "straight"
     model, t = train(out, max_steps=24, **PREDICTABLE)
     resumed_model, r = train(tmp_path / "resumed", resume=str(out / f"checkpoint-{at}"), max_steps=24, **PREDICTABLE)
-    assert (r.vsa.probe is None) and (t.vsa.probe is None) and r.vsa.predictor.active == t.vsa.predictor.active
+    assert (not r.vsa.tracker.probing) and (not t.vsa.tracker.probing) and r.vsa.tracker.tracked == t.vsa.tracker.tracked
     assert r.vsa.phases == t.vsa.phases[at:] and losses(r, at) == losses(t, at)
     for (n, x), (_, y) in zip(model.state_dict().items(), resumed_model.state_dict().items()):
         assert torch.equal(x, y), n
     probed = json.loads(safe_open(str(out / "checkpoint-19" / ckpt.STATE_FILE), "pt").metadata()["hf_vsa"])
     full = json.loads(safe_open(str(out / "checkpoint-20" / ckpt.STATE_FILE), "pt").metadata()["hf_vsa"])
-    assert probed["engine/probing"] and not full["engine/probing"]
+    assert probed["tracker/probing"] and not full["tracker/probing"]
 
 
 def test_resume_true_takes_the_last_checkpoint(tmp_path):
@@ -119,8 +119,8 @@ def test_saved_file_is_tensors_plus_plain_metadata(straight):
         assert info["controller"]["step"] == 8 and info["settings"]["vsa_predictor"] == t.args.vsa_predictor
         names = list(f.keys())
         assert all(isinstance(f.get_tensor(k), torch.Tensor) for k in names)
-    kind = "g0" if t.vsa.predictor.history is None else "codes"  # running sums, or a ring of records
-    assert any(k.startswith(f"predictor/{kind}.bert.embeddings.word_embeddings.weight") for k in names)
+    kind = "g0" if t.vsa.tracker.history is None else "codes"  # running sums, or a ring of records
+    assert f"tracker/predictor.{kind}" in names and info["tracker/names"] == t.vsa.names
     assert not list(out.glob("checkpoint-*/*.tmp"))
 
 
@@ -168,7 +168,7 @@ def test_changed_setting_is_refused(tmp_path, checkpoint):
 
 def test_state_saved_while_probing_needs_the_probe_on_resume(tmp_path, checkpoint):
     _, go = resume_error(tmp_path, checkpoint, vsa_min_cosine=-1.0)  # an open gate has no probe
-    with pytest.raises(ValueError, match="vsa_state.safetensors: saved while the predictor measured a sample"):
+    with pytest.raises(ValueError, match="vsa_state.safetensors: .*saved while the predictor measured a sample"):
         go()
     _, go = resume_error(tmp_path / "b", checkpoint, vsa_probe_fraction=0.5)
     with pytest.raises(ValueError, match="vsa_probe_fraction"):
@@ -214,46 +214,52 @@ def test_state_from_another_format_version_is_refused(tmp_path, checkpoint):
         go()
 
 
-def test_untracked_tensors_are_saved_empty_and_a_bad_tracked_list_is_refused(tmp_path):
-    train(tmp_path, max_steps=8, vsa_probe_fraction=0.0)  # full histories from the start
+def test_untracked_tensors_take_no_bytes_and_a_bad_tracked_list_is_refused(tmp_path):
+    _, t = train(tmp_path, max_steps=8, vsa_probe_fraction=0.0)  # full histories from the start
     checkpoint = tmp_path / "checkpoint-8"
     path = checkpoint / ckpt.STATE_FILE
     with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    # vsa_skip_sparse dropped the token-type embedding (the data uses one type): no bytes for it
-    assert tensors["predictor/codes.bert.embeddings.token_type_embeddings.weight"].numel() == 0
-    assert tensors["predictor/codes.bert.embeddings.word_embeddings.weight"].numel() > 0
-    _rewrite_info(path, lambda info: info["predictor/active"].append(10 ** 6))
+        tensors, info = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["hf_vsa"])
+    # vsa_skip_sparse dropped the token-type embedding (the data uses one type): the flat history holds
+    # whole blocks of the tracked tensors only
+    names = t.vsa.names
+    assert names.index("bert.embeddings.token_type_embeddings.weight") not in info["tracker/tracked"]
+    assert names.index("bert.embeddings.word_embeddings.weight") in info["tracker/tracked"]
+    block, window = t.args.vsa_compression_block, t.args.vsa_history_window
+    blocks = sum(-(-t.vsa.params[i].numel() // block) for i in info["tracker/tracked"])
+    assert tensors["tracker/predictor.codes"].shape == (window, blocks * block // 2)  # int4: 2 per byte
+    _rewrite_info(path, lambda info: info["tracker/tracked"].append(10 ** 6))
     _, go = resume_error(tmp_path, checkpoint, vsa_probe_fraction=0.0)
-    with pytest.raises(ValueError, match="vsa_state.safetensors: bad predictor/active"):
+    with pytest.raises(ValueError, match="vsa_state.safetensors: bad tracker state .*tracked must list distinct"):
         go()
 
 
 def _negative_count(info):
-    info["engine/closed"][0] = -1
+    info["tracker/closed"][0] = -1
 
 
-@pytest.mark.parametrize("edit", [lambda info: info["engine/closed"].pop(), _negative_count], ids=["short", "negative"])
+@pytest.mark.parametrize("edit", [lambda info: info["tracker/closed"].pop(), _negative_count], ids=["short", "negative"])
 def test_bad_retirement_counts_are_refused(tmp_path, checkpoint, edit):
     _rewrite_info(checkpoint / ckpt.STATE_FILE, edit)
     _, go = resume_error(tmp_path, checkpoint)
-    with pytest.raises(ValueError, match="vsa_state.safetensors: engine/closed must list one count per"):
+    with pytest.raises(ValueError, match="vsa_state.safetensors: bad tracker state .*closed must list one count per"):
         go()
 
 
 def test_wrong_shape_is_refused(tmp_path, checkpoint):
-    key = "predictor/codes.bert.embeddings.word_embeddings.weight"
+    key = "tracker/predictor.codes"
     _rewrite(checkpoint / ckpt.STATE_FILE, lambda t: t.__setitem__(key, torch.zeros(3, 32, dtype=torch.uint8)))
     _, go = resume_error(tmp_path, checkpoint)
-    with pytest.raises(ValueError, match=r"codes.bert.embeddings.word_embeddings.weight is \(3, 32\)"):
+    with pytest.raises(ValueError, match=r"vsa_state.safetensors: .*the saved codes.0 is \(3, 32\)"):
         go()
 
 
-def test_wrong_parameter_name_is_refused(tmp_path, checkpoint):
-    key = "predictor/codes.bert.embeddings.word_embeddings.weight"
-    _rewrite(checkpoint / ckpt.STATE_FILE, lambda t: t.__setitem__("predictor/codes.head.weight", t.pop(key)))
+def test_state_of_other_parameters_is_refused(tmp_path, checkpoint):
+    def rename(info):
+        info["tracker/names"][0] = "head.weight"
+    _rewrite_info(checkpoint / ckpt.STATE_FILE, rename)
     _, go = resume_error(tmp_path, checkpoint)
-    with pytest.raises(ValueError, match="missing.*word_embeddings.weight.*unexpected.*head.weight"):
+    with pytest.raises(ValueError, match="other trainable parameters .*#0: saved 'head.weight', now 'bert.embeddings"):
         go()
 
 

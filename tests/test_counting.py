@@ -25,13 +25,13 @@ def data():
     return _lm_blocks(ids, 16, 4)[0]
 
 
-def run(tmp_path, layers, vsa=True):
+def run(tmp_path, layers, vsa=True, **vsa_kw):
     kw = dict(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=4, gradient_accumulation_steps=2,
               learning_rate=1e-3, logging_steps=1000, save_strategy="no", report_to="none", use_cpu=True,
               disable_tqdm=True, seed=0)
     if not vsa:
         return count_training(Trainer(model=gpt2(layers), args=TrainingArguments(**kw), train_dataset=data()))
-    t = VSATrainer(model=gpt2(layers), args=VSATrainingArguments(**kw, **SCHEDULE), train_dataset=data())
+    t = VSATrainer(model=gpt2(layers), args=VSATrainingArguments(**kw, **{**SCHEDULE, **vsa_kw}), train_dataset=data())
     return count_training(t)
 
 
@@ -52,6 +52,20 @@ def test_the_ops_hf_vsa_adds_do_not_grow_with_the_number_of_tensors(tmp_path):
     assert statistics.median(x[0] for x in deep["FULL"]) <= 0.25 * trainer
 
 
+def test_full_histories_cost_the_same_ops_whatever_the_number_of_tensors_and_no_sync(tmp_path):
+    """Every tensor tracked in full from the start, the gate open, no exact tensors: PREDICT steps write
+    the prediction of every tensor (no backward). One flat history: recording, comparing and predicting
+    do not grow with the tensors."""
+    full = dict(vsa_probe_fraction=0.0, vsa_min_cosine=-1.0, vsa_skip_sparse=False, vsa_exact_fraction=0.0)
+    shallow, deep = by_phase(run(tmp_path / "a", 2, **full)), by_phase(run(tmp_path / "b", 4, **full))
+    for phase in ("WARMUP", "FULL", "PREDICT", "CORRECT"):
+        a, b = (statistics.median(x[0] for x in d[phase]) for d in (shallow, deep))
+        assert 0 < a and b <= 1.05 * a, (phase, a, b)  # 28 -> 52 tensors: the same ops
+        if phase != "CORRECT":
+            assert all(syncs == 0 for _, syncs in deep[phase]), phase
+    assert all(syncs <= 1 for _, syncs in deep["CORRECT"])
+
+
 def test_no_host_sync_on_warmup_full_and_predict_steps_and_at_most_one_per_correct_step(tmp_path):
     phases = by_phase(run(tmp_path, 2))
     for phase in ("WARMUP", "FULL", "PREDICT"):
@@ -68,6 +82,19 @@ def test_the_flat_sample_is_the_tensors_windows_and_sums_per_tensor():
     sums = w.segment_sum(x)
     assert torch.allclose(sums, torch.stack([t.double().sum() for t in x.split(w.lengths)]))
     assert torch.equal(w.gather([None, None, None]), torch.zeros(w.numel))
+
+
+def test_a_flat_layout_aligned_to_blocks_round_trips_the_tensors_as_views():
+    params = [torch.randn(40, 50), torch.randn(7), torch.randn(3, 300), torch.randn(5)]
+    w = Windows(params, 0, seed=0, tag=4, scaled=False, fraction=1.0, select=[0, 1, 2], align=64)
+    x = w.gather(params)
+    assert w.padded == [2048, 64, 960, 0] and x.numel() == w.numel == 2048 + 64 + 960
+    views = w.views(x)
+    assert sorted(views) == [0, 1, 2] and all(torch.equal(views[i], params[i]) for i in views)
+    assert all(v.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for v in views.values())
+    assert torch.equal(x[2000:2048], torch.zeros(48)) and torch.equal(x[2048 + 7:2112], torch.zeros(57))
+    assert w.block_owner.tolist() == [0] * 32 + [1] + [2] * 15 and w.blocks_of([1, 2]) == list(range(32, 48))
+    assert w.covered.tolist() == [True, True, True, False]
 
 
 def test_deferred_values_are_read_one_post_late_and_survive_a_state_round_trip():

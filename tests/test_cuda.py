@@ -29,7 +29,7 @@ def test_state_on_cuda_and_the_prediction_path_never_syncs(tmp_path, monkeypatch
                                 vsa_correct_every=4, vsa_exact_fraction=exact, vsa_min_cosine=-1.0)
     t = VSATrainer(model=make_model(), args=args, train_dataset=make_dataset(512))
     t.train()
-    assert all(b.is_cuda for b in t.vsa.predictor.g0)
+    assert all(b.is_cuda for b in t.vsa.tracker.predictor.g0)
     assert len(calls) == t.vsa.phases.count("PREDICT") > 0
 
 

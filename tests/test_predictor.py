@@ -88,7 +88,7 @@ def test_correct_learns_decayed_residual_and_reports_cosine():
     pred.record([g], 0)
     pred.record([g], 1)
     actual = g + torch.randn(8)
-    cos, rel, per_tensor, trust, parts = pred.correct([actual], 2)
+    cos, rel, per_tensor, trust, parts, _ = pred.correct([actual], 2)
     ref_cos = torch.nn.functional.cosine_similarity(g, actual, dim=0)
     assert cos.item() == pytest.approx(ref_cos.item(), abs=1e-5)
     assert per_tensor[0].item() == pytest.approx(ref_cos.item(), abs=1e-5)
@@ -141,5 +141,61 @@ def test_trust_is_the_clipped_least_squares_scale_of_the_prediction(scale, expec
     grads = [torch.randn(16), torch.randn(4, 4)]
     pred.record(grads, 0)
     pred.record(grads, 1)  # the fit predicts exactly these gradients
-    _, _, _, trust, _ = pred.correct([g * scale for g in grads], 2)
+    _, _, _, trust, _, _ = pred.correct([g * scale for g in grads], 2)
     torch.testing.assert_close(trust, torch.full((2,), expected, dtype=trust.dtype))
+
+
+def _flat_pair(compression, shapes=((40, 20), (7,), (3, 100)), block=64, steps=(0, 1, 2, 4, 5, 6, 8), seed=0):
+    """The same gradients tracked per tensor and as one flat tensor aligned to blocks (flat.Windows)."""
+    from hf_vsa.flat import Windows
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.zeros(s) for s in shapes]
+    w = Windows(params, 0, 0, 4, scaled=False, fraction=1.0, align=block)
+    kw = dict(kind="ar", compression=compression, window=6, block=block, order=2, residual_decay=0.5)
+    per = GradientPredictor(params, **kw)
+    flat = GradientPredictor([torch.zeros(w.numel)], **kw, groups=(w.block_owner, w.n_groups))
+    drift = [torch.randn(s, generator=gen) for s in shapes]
+    for k, t in enumerate(steps):
+        grads = [d * (1 + 0.3 * k) * (-1) ** (t * j) + 0.2 * torch.randn(s, generator=gen)
+                 for j, (d, s) in enumerate(zip(drift, shapes))]
+        if k == len(steps) - 1:
+            per.correct(grads, t), flat.correct([w.gather(grads)], t)
+        else:
+            per.record(grads, t), flat.record([w.gather(grads)], t)
+    return params, w, per, flat
+
+
+@pytest.mark.parametrize("compression", ["none", "int4"])
+def test_a_flat_history_with_groups_predicts_what_per_tensor_histories_predict(compression):
+    """One AR fit per tensor either way (its blocks' inner products summed per owner), the same records."""
+    params, w, per, flat = _flat_pair(compression)
+    expect = per.predict(11)
+    got = w.views(flat.predict(11)[0])
+    for i, e in enumerate(expect):
+        torch.testing.assert_close(got[i], e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("compression", ["none", "int4", "vsa"])
+def test_cutting_tensors_out_of_a_flat_history_keeps_the_others_records(compression):
+    from hf_vsa.flat import Windows
+    params, w, per, flat = _flat_pair(compression)
+    before = w.views(flat.predict(11)[0])
+    kept = [0, 2]
+    after_w = Windows(params, 0, 0, 4, scaled=False, fraction=1.0, align=64, select=kept)
+    keep = torch.tensor(w.blocks_of(kept))
+    cut = flat.compact(keep, torch.zeros(after_w.numel), (after_w.block_owner, after_w.n_groups))
+    if compression == "vsa":  # keys bind positions of the whole tensor: cannot be cut, the caller starts anew
+        assert not cut
+        return
+    h = flat.history
+    assert cut and (h.codes[0].shape[1] == after_w.numel if compression == "none"
+                    else h.scales[0].shape[1] == after_w.numel // 64 and h.codes[0].shape[1] == after_w.numel // 2)
+    after = after_w.views(flat.predict(11)[0])
+    assert sorted(after) == kept
+    for i in kept:
+        torch.testing.assert_close(after[i], before[i], rtol=1e-5, atol=1e-6)
+    state = flat.state_dict()  # the cut state round-trips into a predictor built for the new layout
+    again = GradientPredictor([torch.zeros(after_w.numel)], kind="ar", compression=compression, window=6, block=64,
+                              order=2, residual_decay=0.5, groups=(after_w.block_owner, after_w.n_groups))
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.predict(11)[0], flat.predict(11)[0])

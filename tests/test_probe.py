@@ -64,11 +64,11 @@ class StepLog(TrainerCallback):
 
     def on_pre_optimizer_step(self, *a, **kw):
         e = self.trainer.vsa
-        predicted = [i for i in set(e.predictor.active) - e.computed if e.params[i].grad is not None]
-        self.rows.append(dict(phase=e.phase, probing=e.probe is not None, earned=e.earned(),
-                              elements=sum(e.predictor.params[i].numel() for i in e.predictor.active),
+        predicted = [i for i in set(e.tracker.tracked) - e.computed if e.params[i].grad is not None]
+        self.rows.append(dict(phase=e.phase, probing=e.tracker.probing, earned=e.tracker.earned(),
+                              elements=e.tracker.windows.numel, sampled=sum(e.tracker.windows.lengths),
                               predicted=predicted if e.phase is Phase.PREDICT else None,
-                              state=e.state_memory_ratio()))
+                              state=e.tracker.state_memory_ratio()))
 
 
 def run(tmp_path, data=512, **kw):
@@ -92,17 +92,18 @@ def test_full_histories_start_once_the_prediction_beats_the_zero_gradient(tmp_pa
     e = t.vsa
     roomy, _ = run(tmp_path / "roomy", vsa_min_cosine=-0.99, vsa_retire_after=0, vsa_state_budget=100.0, **SAMPLED,
                    **PREDICTABLE)
-    assert len(roomy.vsa.predictor.active) > len(e.predictor.active)  # a larger budget tracks more
+    assert len(roomy.vsa.tracker.tracked) > len(e.tracker.tracked)  # a larger budget tracks more
     switch = next(k for k, r in enumerate(rows) if not r["probing"])
     assert rows[switch]["phase"] is Phase.FULL and rows[switch - 1]["phase"] is not Phase.FULL
     assert rows[switch - 1]["earned"] and all(r["probing"] for r in rows[:switch])
     assert not any(r["probing"] for r in rows[switch:])
     # one flat sample (the tiny model's tensors are all small: whole), then the tensors themselves
-    assert rows[switch - 1]["elements"] == e.params[0].new_zeros(0).numel() + Probe(e.params, 1 / 64, 0).windows.numel
-    assert rows[switch]["elements"] == sum(e.params[i].numel() for i in e.predictor.active)
+    # (each tensor's part padded to whole compression blocks)
+    assert rows[switch - 1]["elements"] == Probe(e.params, 1 / 64, 0, align=e.args.vsa_compression_block).windows.numel
+    assert rows[switch]["sampled"] == sum(e.params[i].numel() for i in e.tracker.tracked)
     # the tensors whose prediction beat the zero gradient on the probe, best first, while they fit the budget
-    tracked = e.predictor.active
-    assert tracked and all(e.gain_host[i] > 0 for i in tracked)
+    tracked = e.tracker.tracked
+    assert tracked and all(e.tracker.gain_host[i] > 0 for i in tracked)
     assert 4 * max(r["state"] for r in rows[switch:]) <= e.args.vsa_state_budget  # (state: over fp32 bytes)
     # No prediction while probing, though the gate admits; from the full history's first PREDICT block on, some.
     assert all(r["predicted"] == [] for r in rows[:switch] if r["predicted"] is not None)
@@ -111,7 +112,7 @@ def test_full_histories_start_once_the_prediction_beats_the_zero_gradient(tmp_pa
 
 def test_no_full_history_where_the_prediction_does_not_beat_the_zero_gradient(tmp_path):
     t, rows = run(tmp_path, vsa_min_cosine=-0.99, vsa_retire_after=0, **SAMPLED, **NOISY)
-    assert t.vsa.corrections >= 3 and t.vsa.earn  # measured...
+    assert t.vsa.tracker.corrections >= 3 and t.vsa.tracker.earn  # measured...
     assert all(r["probing"] and not r["earned"] for r in rows)  # ...and never earned: no full history
     assert all(r["predicted"] == [] for r in rows if r["predicted"] is not None)  # PREDICT steps: no update
 
@@ -129,17 +130,20 @@ def test_the_probe_costs_a_fraction_of_the_full_state(tmp_path):
                                  **{**SAMPLED, **kw})
         t = VSATrainer(model=model, args=a, train_dataset=data())
         t.train()
-        return t.vsa.probe is not None, t.vsa.peak_state_ratio
+        return t.vsa.tracker.probing, t.vsa.tracker.peak_state_ratio, t.vsa.tracker.windows.numel
 
-    (probing, probed), (_, full) = state(), state(vsa_probe_fraction=0.0)
-    assert probing and 0 < probed < 0.1 * full
+    (probing, probed, sampled), (_, full, whole) = state(), state(vsa_probe_fraction=0.0)
+    # the same state per element: the probe costs its sample's share (here 10%: 4096 elements of each matrix)
+    assert probing and sampled < 0.11 * whole and 0 < probed <= 1.01 * full * sampled / whole
 
 
 @pytest.mark.parametrize("kw", [dict(vsa_probe_fraction=0.0), dict(vsa_min_cosine=-1.0), dict(vsa_preset="sketch")],
                          ids=["fraction_0", "gate_off", "sketch"])
 def test_no_probe_without_a_fraction_or_a_gate(tmp_path, kw):
     t, rows = run(tmp_path, max_steps=6, **{**SAMPLED, **kw})
-    assert not any(r["probing"] for r in rows) and t.vsa.predictor.params == t.vsa.params
+    w = t.vsa.tracker.windows  # the tracked tensors whole, from the start
+    assert not any(r["probing"] for r in rows) and t.vsa.tracker.tracked
+    assert all(w.lengths[i] == t.vsa.params[i].numel() for i in t.vsa.tracker.tracked)
 
 
 def test_without_full_blocks_the_probe_ends_at_the_next_predict_block(tmp_path):
@@ -157,8 +161,8 @@ def test_only_the_named_modules_get_a_full_history(tmp_path):
     t, rows = run(tmp_path, vsa_min_cosine=-0.99, vsa_retire_after=0, vsa_state_budget=100.0,
                   vsa_track_modules=["attention.self"], **SAMPLED, **PREDICTABLE)
     e = t.vsa
-    assert e.probe is None and e.predictor.active
-    assert all("attention.self" in e.names[i] for i in e.predictor.active)
+    assert not e.tracker.probing and e.tracker.tracked
+    assert all("attention.self" in e.names[i] for i in e.tracker.tracked)
 
 
 def test_bad_tracking_arguments_are_refused_naming_them(tmp_path):

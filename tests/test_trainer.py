@@ -127,7 +127,7 @@ def test_untrusted_tensors_get_no_update_on_predict_steps(tmp_path):
     t = VSATrainer(model=model, args=args(tmp_path, vsa_min_cosine=1.0, **SCHEDULE), train_dataset=make_dataset(512))
     t.train()
     # No prediction reaches cosine 1.0: after the first CORRECT step every tensor is left alone.
-    assert t.vsa.predict_mask == [False] * len(t.vsa.params)
+    assert t.vsa.tracker.predict_mask == [False] * len(t.vsa.params)
 
 
 @pytest.mark.parametrize("trust", ["fitted", "none"])
@@ -138,10 +138,10 @@ def test_predicted_gradient_is_scaled_by_the_measured_trust(tmp_path, trust):
     class Grab(TrainerCallback):
         def on_pre_optimizer_step(self, *a, **kw):  # after the Trainer's clipping (off here)
             e = t.vsa
-            if e.phase is Phase.PREDICT and e.corrections:
-                pred = e.predictor.predict(e.step)
-                seen.append([(e.params[i].grad.clone(), g, e.tensor_trust[i].item())
-                             for i, g in zip(e.predictor.active, pred)])
+            if e.phase is Phase.PREDICT and e.tracker.corrections:
+                pred = e.tracker.windows.views(e.tracker.predictor.predict(e.step)[0])  # per tensor
+                seen.append([(e.params[i].grad.clone(), pred[i], e.tracker.tensor_trust[i].item())
+                             for i in e.tracker.tracked])
 
     t = VSATrainer(model=model, args=args(tmp_path, vsa_trust=trust, max_grad_norm=0.0, **NO_BACKWARD),
                    train_dataset=make_dataset(512), callbacks=[Grab()])
@@ -215,10 +215,10 @@ def test_sparse_gradient_tensors_are_neither_predicted_nor_recorded(tmp_path):
     e = t.vsa
     i_emb = next(i for i, p in enumerate(e.params) if p is emb)
     i_dense = next(i for i, p in enumerate(e.params) if p is dense)
-    assert i_emb not in e.predictor.active and i_dense in e.predictor.active
-    history = e.predictor.history  # the default compression's ring: freed for it, written for the dense one
-    assert all(getattr(history, b)[i_emb].numel() == 0 for b in history.BUFFERS) and history.codes[i_dense].any()
-    assert e.predictor.rcodes[i_emb].numel() == 0
+    assert i_emb not in e.tracker.tracked and i_dense in e.tracker.tracked
+    # the flat history holds the dense tensor's blocks, none of the embedding's
+    assert e.tracker.windows.lengths[i_emb] == 0 and e.tracker.windows.lengths[i_dense] == dense.numel()
+    assert e.tracker.history.codes[0].any()
     predict = [(m_emb, m_dense) for phase, m_emb, m_dense in moved if phase is Phase.PREDICT]
     assert predict and not any(m for m, _ in predict) and all(m for _, m in predict)
     assert all(m_emb for phase, m_emb, _ in moved if phase is not Phase.PREDICT)  # backprop steps update it
@@ -228,13 +228,13 @@ def test_sketch_preset_and_skip_sparse_off_predict_every_tensor(tmp_path):
     t = VSATrainer(model=make_model(), args=args(tmp_path, vsa_skip_sparse=False, **NO_BACKWARD),
                    train_dataset=make_dataset(512))
     t.train()
-    assert t.vsa.predictor.active == list(range(len(t.vsa.params)))
+    assert t.vsa.tracker.tracked == list(range(len(t.vsa.params)))
     skipped = VSATrainer(model=make_model(), args=args(tmp_path / "skip", **NO_BACKWARD), train_dataset=make_dataset(512))
     skipped.train()
-    assert len(skipped.vsa.predictor.active) < len(skipped.vsa.params)
-    assert skipped.vsa.state_memory_ratio() < t.vsa.state_memory_ratio()  # the dropped tensors' buffers are freed
+    assert len(skipped.vsa.tracker.tracked) < len(skipped.vsa.params)
+    assert skipped.vsa.tracker.state_memory_ratio() < t.vsa.tracker.state_memory_ratio()  # the dropped tensors' buffers are freed
     # ...and were never allocated: buffers come at the first record, after the drop, so the peak excludes them
-    assert skipped.vsa.peak_state_ratio == skipped.vsa.state_memory_ratio() > 0
+    assert skipped.vsa.tracker.peak_state_ratio == skipped.vsa.tracker.state_memory_ratio() > 0
     assert VSATrainingArguments(output_dir=str(tmp_path), vsa_preset="sketch").vsa_skip_sparse is False
 
 
@@ -247,7 +247,7 @@ class GateLog(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         e = self.trainer.vsa
         if e.phase is Phase.CORRECT:
-            self.rows.append((list(e.predict_mask), list(e.predictor.active)))
+            self.rows.append((list(e.tracker.predict_mask), list(e.tracker.tracked)))
 
 
 def test_tensors_the_gate_keeps_out_retire_after_consecutive_corrections(tmp_path):
@@ -268,10 +268,12 @@ def test_tensors_the_gate_keeps_out_retire_after_consecutive_corrections(tmp_pat
         assert set(active) == expected
         tracked = expected
     assert retired_any and tracked  # the rule retired some tensors and kept others
-    history = e.predictor.history
-    for i in set(range(len(e.params))) - tracked:  # a retired tensor's buffers are freed...
-        assert all(getattr(history, b)[i].numel() == 0 for b in history.BUFFERS)
-        assert not e.predict_mask[i]  # ...and it is never predicted again
+    w, block = e.tracker.windows, e.args.vsa_compression_block
+    # the flat history holds the blocks of the tracked tensors only: a retired tensor's are freed...
+    assert e.tracker.history.scales[0].shape[1] * block == w.numel == sum(w.padded[i] for i in tracked)
+    for i in set(range(len(e.params))) - tracked:
+        assert w.lengths[i] == 0
+        assert not e.tracker.predict_mask[i]  # ...and it is never predicted again
     assert t.state.log_history[-2]["vsa/tracked_tensor_fraction"] == len(tracked) / len(e.params)
 
 
@@ -284,7 +286,7 @@ def test_retired_tensors_move_on_backprop_steps_only(tmp_path):
             self.before = lower.detach().clone()
 
         def on_step_end(self, *a, **kw):
-            low.append((t.vsa.phase, not torch.equal(self.before, lower), list(t.vsa.predictor.active)))
+            low.append((t.vsa.phase, not torch.equal(self.before, lower), list(t.vsa.tracker.tracked)))
 
     # A gate nothing passes: every tracked tensor retires at the second CORRECT step. No block
     # runs its backward on PREDICT steps (vsa_block_drop=1).
@@ -297,7 +299,7 @@ def test_retired_tensors_move_on_backprop_steps_only(tmp_path):
     after = low[corrects[1] + 1:]
     assert any(p is Phase.PREDICT for p, _, _ in after)
     assert all(moved == (phase is not Phase.PREDICT) for phase, moved, _ in after)
-    assert t.vsa.state_memory_ratio() < 1e-3  # every buffer freed
+    assert t.vsa.tracker.state_memory_ratio() < 1e-3  # every buffer freed
 
 
 @pytest.mark.parametrize("kw", [dict(vsa_retire_after=0), dict(vsa_min_cosine=-1.0)], ids=["retire_off", "gate_off"])
@@ -306,7 +308,7 @@ def test_nothing_retires_when_retirement_or_the_gate_is_off(tmp_path, kw):
     t = VSATrainer(model=make_model(), args=args(tmp_path, max_steps=40, **{**base, **kw}),
                    train_dataset=make_dataset(512))
     t.train()
-    assert t.vsa.predictor.active == list(range(len(t.vsa.params)))
+    assert t.vsa.tracker.tracked == list(range(len(t.vsa.params)))
 
 
 @pytest.mark.parametrize("kind", ["none", "ternary", "vsa"])
@@ -323,25 +325,25 @@ def test_a_ring_records_only_the_steps_it_still_holds_when_read(tmp_path, monkey
 
     class Watch(TrainerCallback):
         def on_step_end(self, *a, **kw):
-            state.append(t.vsa.state_memory_ratio())
+            state.append(t.vsa.tracker.state_memory_ratio())
 
     # WARMUP 6 + FULL 2: 8 backprop steps before the first read; a ring of 4 holds the last 4.
-    sched = dict(SCHEDULE, vsa_warmup_steps=6, vsa_history_window=4, vsa_bundle_size=2)
-    # (A fixed DropBP rate keeps the trajectory this test was written on: no tensor retires.)
+    sched = dict(SCHEDULE, vsa_warmup_steps=6, vsa_history_window=4, vsa_bundle_size=2, vsa_retire_after=0)
+    # (No tensor retires: a retirement cuts the history, and restarts a vsa one.)
     t = VSATrainer(model=make_model(), args=args(tmp_path, vsa_compression=kind, **sched),
                    train_dataset=make_dataset(512), callbacks=[Watch()])
     t.train()
     # No buffer exists before the first record; from it on, the state is the peak (nothing retires here).
-    assert state[:recorded[0]] == [0.0] * recorded[0] and state[recorded[0]] == t.vsa.peak_state_ratio > 0
+    assert state[:recorded[0]] == [0.0] * recorded[0] and state[recorded[0]] == t.vsa.tracker.peak_state_ratio > 0
     phases = t.vsa.phases
     first_read = phases.index("PREDICT")
     backprop = [k for k, p in enumerate(phases) if p != "PREDICT"]
-    if t.vsa.predictor.history is None:  # running sums: every record keeps a (decayed) weight in the fit
+    if t.vsa.tracker.history is None:  # running sums: every record keeps a (decayed) weight in the fit
         assert recorded == backprop
     else:  # later FULL blocks (2 steps) are shorter than the ring: only the first 4 steps are skipped
         assert recorded == [k for k in backprop if k >= first_read - 4]
         # (vsa: a bundle just begun holds one record, the one before it was dropped whole)
-        assert len(t.vsa.predictor.history.filled()) == (3 if kind == "vsa" else 4)
+        assert len(t.vsa.tracker.history.filled()) == (3 if kind == "vsa" else 4)
 
 
 @pytest.mark.parametrize("gate", [-0.99, -1.0], ids=["gate_on", "gate_off"])
@@ -354,8 +356,8 @@ def test_no_tensor_is_predicted_before_its_prediction_is_measured(tmp_path, gate
             if e.phase is Phase.PREDICT:
                 # predicted gradients, and how many tensors could have one: the tensors of the
                 # blocks that ran their backward this step (DropBP) have their exact gradient
-                predictable = set(e.predictor.active) - e.computed
-                seen.append((e.corrections, sum(e.params[i].grad is not None for i in predictable), len(predictable)))
+                predictable = set(e.tracker.tracked) - e.computed
+                seen.append((e.tracker.corrections, sum(e.params[i].grad is not None for i in predictable), len(predictable)))
 
     # (SCHEDULE's fixed DropBP rate: the adaptive one skips few blocks of this tiny model, and only
     # skipped blocks take predictions.)
@@ -387,7 +389,7 @@ def test_bf16_training_predicts_gradients_in_the_parameters_dtype(tmp_path, prec
     assert {phase for phase, _, _ in watch.rows} == {Phase.WARMUP, Phase.FULL, Phase.PREDICT, Phase.CORRECT}
     assert all(dtype == low.dtype and moved for _, dtype, moved in watch.rows)
     assert all(x.dtype in (torch.float32, torch.uint8, torch.int8)
-               for k, x in t.vsa.predictor.state_dict().items() if isinstance(x, torch.Tensor) and k != "skipped")
+               for k, x in t.vsa.tracker.predictor.state_dict().items() if isinstance(x, torch.Tensor) and k != "skipped")
 
 
 def fp16_trainer(model, trainer_args, init_scale, autocast):
@@ -485,7 +487,7 @@ def test_dropbp_predict_steps_compute_exactly_the_kept_blocks(tmp_path):
 
     class Grab(TrainerCallback):
         def on_step_end(self, *a, **kw):
-            rows.append((t.vsa.phase, set(t.vsa.computed), t.vsa._sparse()))
+            rows.append((t.vsa.phase, set(t.vsa.computed), set(t.vsa.tracker.sparse)))
 
     t = VSATrainer(model=model, args=args(tmp_path, max_steps=40, vsa_exact_fraction=0.1, vsa_block_drop=0.5,
                                           vsa_whole_step=False, **SCHEDULE),
@@ -553,7 +555,7 @@ def test_where_every_block_carries_the_same_signal_predict_steps_back_off_to_bac
     for phase, drop, consistency, computed, _ in predict[2:]:  # (the first block: before any measurement)
         assert consistency.min() > 0.99
         assert drop == [0.0, 0.0] and phase is Phase.FULL
-    assert e.controller.counts["CORRECT"] > 0 and e.corrections > 0
+    assert e.controller.counts["CORRECT"] > 0 and e.tracker.corrections > 0
     assert e.stats()["vsa/backward_fraction"] > sum(p is Phase.PREDICT for p, *_ in predict) / 40
     # Off: the configured probability, whatever the measurement; blocks are skipped.
     e, predict = dropbp_run(tmp_path, same, learning_rate=1e-6, vsa_adaptive_block_drop=False)
@@ -744,8 +746,8 @@ def test_one_gradient_per_step_never_runs_whole_step_predict(tmp_path):
                    train_dataset=data)
     t.train()
     e = t.vsa
-    assert e.noise.lag1 is not None and len(e.worth) >= 2
-    assert whole_step_pays(e.worth, e.kappa, e.controller.predict_share, 0.2)  # the measurements alone would
+    assert e.noise.lag1 is not None and len(e.tracker.worth) >= 2
+    assert whole_step_pays(e.tracker.worth, e.kappa, e.controller.predict_share, 0.2)  # the measurements alone would
     assert not e.whole_steps and not e.whole
 
 
@@ -782,13 +784,13 @@ def test_a_non_finite_gradient_at_a_correct_step_measures_nothing(tmp_path):
             e = t.vsa
             poison = e is not None and e.controller.counts["CORRECT"] == 1 and e.phase is Phase.PREDICT
             self.hook = w.register_hook(lambda g: g * float("inf")) if poison else None
-            self.before = None if e is None else e.tensor_cosine.clone()
+            self.before = None if e is None else e.tracker.tensor_cosine.clone()
 
         def on_step_end(self, *a, **kw):
             if self.hook is not None:
                 self.hook.remove()
             if t.vsa.phase is Phase.CORRECT and self.before is not None:
-                seen.append((self.hook is not None, torch.equal(self.before, t.vsa.tensor_cosine)))
+                seen.append((self.hook is not None, torch.equal(self.before, t.vsa.tracker.tensor_cosine)))
 
     # the second CORRECT step (after one that measured) gets the inf gradient if it follows a PREDICT step
     t = VSATrainer(model=model, args=args(tmp_path, max_steps=16, max_grad_norm=0.0, **NO_BACKWARD),
