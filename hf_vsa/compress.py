@@ -216,9 +216,10 @@ class CompressedHistory:
         return key_signs(self.params[i].numel(), self.block, mix_seed(self.seed, 1, i, slot % self.bundle),
                          self.params[i].device)
 
-    def push(self, grads, t: int, index=None):
+    def push(self, grads, t: int, index=None, finite=None):
         """Store the gradients of step t (one per tensor) in the oldest slot (for vsa: a new bundle
-        drops the oldest whole bundle); only the tensors in `index` (all: None) are stored."""
+        drops the oldest whole bundle); only the tensors in `index` (all: None) are stored. `finite`: a
+        0-dim bool; where False, zeros are stored instead (one tensor's copy alive at a time)."""
         k = self.next
         b, first = divmod(k, self.bundle)[0], k % self.bundle == 0
         if first:  # the slots of the bundle being overwritten are gone
@@ -227,7 +228,7 @@ class CompressedHistory:
         for i in range(len(self.params)) if index is None else index:
             if not self.codes[i].numel():  # the first record of this tensor
                 self._allocate_one(i)
-            g = grads[i]
+            g = grads[i] if finite is None else torch.where(finite, grads[i], 0.0)
             if self.kind == "none":
                 self.codes[i][k].zero_()[:g.numel()].copy_(g.reshape(-1))
                 continue
@@ -242,7 +243,9 @@ class CompressedHistory:
                 gen = None if self.rounding == "deterministic" else self._generator(0, t, i)
                 codes, scales, bound = _ternarize_blocks(x, gen)
             self.scales[i][k] = scales
-            self.error[i], self.error_scales[i] = int8_quantize_(x.addcmul_(codes, scales[:, None], value=-1), bound)
+            error, error_scales = int8_quantize_(x.addcmul_(codes, scales[:, None], value=-1), bound)
+            self.error[i].copy_(error)  # (into the buffer: it may be a view of a larger one)
+            self.error_scales[i].copy_(error_scales)
             if self.kind != "vsa":
                 self.codes[i][k] = pack(codes, self.bits)
             else:
@@ -284,21 +287,23 @@ class CompressedHistory:
     def gram(self, index, slots, groups=None):
         """[len(index), n, n] float64 inner products of each tensor's records in `slots` (order kept).
         One tensor's n records are decoded at a time: peak memory n times the largest tensor.
-        `groups` (block owner [blocks], number of groups), for one flat tensor (index [0]): the inner
-        products per group of its blocks instead, [groups, n, n], decoded GRAM_CHUNK elements at a time
-        (a few ops per chunk, whatever the number of groups)."""
+        `groups` ([the group of each block of each tensor], number of groups), for chunks of one flat
+        tensor: the inner products per group of their blocks instead, [groups, n, n], decoded GRAM_CHUNK
+        elements at a time (a few ops per chunk, whatever the number of groups)."""
         out, slots = [], list(slots)
         at = torch.tensor(slots, device=self.params[0].device)  # one index copy for all tensors, not one each
         if groups is not None:
-            owner, n_groups = groups
-            n, blocks = len(slots), blocks_of(self.params[0].numel(), self.block)
-            total = torch.zeros(n_groups, n, n, dtype=torch.float64, device=owner.device)
+            owners, n_groups = groups
+            n = len(slots)
+            total = torch.zeros(n_groups, n, n, dtype=torch.float64, device=self.params[0].device)
             step = max(1, GRAM_CHUNK // self.block)
-            for b0 in range(0, blocks, step):
-                b1 = min(blocks, b0 + step)
-                r = self.records(0, slots, at, (b0, b1)).view(n, b1 - b0, self.block)
-                per_block = torch.einsum("jbk,lbk->bjl", r, r).double()  # [blocks, n, n]
-                total.index_add_(0, owner[b0:b1], per_block)
+            for i in index:
+                blocks = blocks_of(self.params[i].numel(), self.block)
+                for b0 in range(0, blocks, step):
+                    b1 = min(blocks, b0 + step)
+                    r = self.records(i, slots, at, (b0, b1)).view(n, b1 - b0, self.block)
+                    per_block = torch.einsum("jbk,lbk->bjl", r, r).double()  # [blocks, n, n]
+                    total.index_add_(0, owners[i][b0:b1], per_block)
             return total
         for i in index:
             r = self.records(i, slots, at)
@@ -308,11 +313,12 @@ class CompressedHistory:
     def filled(self):
         return [(k, t) for k, t in enumerate(self.times) if t >= 0]
 
-    def weighted_sum(self, weights, index=None, padded=False):
+    def weighted_sum(self, weights, index=None, padded=False, into=None):
         """sum_k weights[k] * record_k for the tensors in `index` (all: None); weights by slot, each
-        a host float or a 1-D device tensor with one weight per tensor of `index` (per-tensor
-        weights, the AR forecast's). Fresh fp32 tensors shaped like the parameters (padded: flat,
-        blocks * block elements). vsa: each bundle is unpacked once, and each key once, since slots
+        a host float, a 1-D device tensor with one weight per tensor of `index` (per-tensor
+        weights, the AR forecast's), or a list of per-block weights [blocks], one per tensor of `index`
+        (a flat history's groups). Fresh fp32 tensors shaped like the parameters (padded: flat,
+        blocks * block elements), or written into `into` (fp32 tensors of blocks * block elements). vsa: each bundle is unpacked once, and each key once, since slots
         at the same position in their bundles share a key: sum_j key_j * (sum_b w_bj * scale_bj * bundle_b)."""
         newest = (self.next - 1) % self.window
         slots = sorted((k, w) for k, w in weights.items() if isinstance(w, torch.Tensor) or w)
@@ -323,8 +329,11 @@ class CompressedHistory:
         for n, i in enumerate(range(len(self.params)) if index is None else index):
             p = self.params[i]
             # this tensor's weight: a host float, a 0-dim tensor, or [blocks] (per block: a flat history's groups)
-            w_of = lambda w: w[n].reshape(-1, 1) if isinstance(w, torch.Tensor) else w  # noqa: E731
-            acc = torch.zeros(blocks_of(p.numel(), self.block), self.block, device=p.device)
+            w_of = lambda w: w[n].reshape(-1, 1) if isinstance(w, (torch.Tensor, list)) else w  # noqa: E731
+            if into is None:
+                acc = torch.zeros(blocks_of(p.numel(), self.block), self.block, device=p.device)
+            else:
+                acc = into[n].view(-1, self.block).zero_()
             if self.kind == "none":
                 for k, w in slots:
                     acc.add_(self.codes[i][k].view(-1, self.block) * w_of(w))

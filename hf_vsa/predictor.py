@@ -65,10 +65,10 @@ class GradientPredictor:
             raise ValueError("GradientPredictor needs at least one tensor to track")
         self.kind, self.decay, self.residual_decay, self.momentum = kind, decay, residual_decay, momentum
         self.block, self.order, self.ridge = block, order, ridge
-        # One flat tensor standing for many (flat.Windows, aligned to `block`): (the group of each of its
-        # blocks [blocks], number of groups); the AR fit is then one per group, as it is one per tensor.
-        if groups is not None and len(self.params) != 1:
-            raise ValueError("GradientPredictor: groups apply to a single flat tensor")
+        # Chunks of one flat tensor standing for many (flat.Windows, aligned to `block`): ([the group of each
+        # block of each chunk], number of groups); the AR fit is then one per group, as it is one per tensor.
+        if groups is not None and len(groups[0]) != len(self.params):
+            raise ValueError("GradientPredictor: groups need one block-owner tensor per tracked tensor")
         self.groups = groups
         self._fit = None  # ar: (newest record's step, active tensors, coefficients [len(active), order])
         self.history = None
@@ -133,31 +133,36 @@ class GradientPredictor:
                 if i not in keep and x.numel():
                     xs[i] = x.new_empty(0)
 
-    def compact(self, keep, stand_in, groups=None) -> bool:
-        """A single flat tensor (flat.Windows aligned to `block`) loses some of its tensors: keep only the
-        blocks in `keep` (a device index tensor, in order), records and fit included, and track
-        `stand_in` (that many blocks) from now on. vsa bundles bind each position to a key drawn for the
-        whole tensor, so their records cannot be cut: False, and the caller starts a new history."""
-        if len(self.params) != 1 or (self.history is not None and self.history.kind == "vsa"):
+    def compact(self, keep, stand_ins, groups=None) -> bool:
+        """Chunks of one flat tensor (flat.Windows aligned to `block`) lose some of the tensors they stand
+        for: keep only the blocks in `keep` (a device index tensor into the chunks' blocks taken in order),
+        records and fit included, and track `stand_ins` (chunks of that many blocks in all) from now on.
+        vsa bundles bind each position to a key drawn for the whole chunk, so their records cannot be
+        cut: False, and the caller starts a new history."""
+        if self.history is not None and self.history.kind == "vsa":
             return False
         b = self.block
+        sizes = [blocks_of(x.numel(), b) for x in stand_ins]
 
-        def cut(x, per_block):  # x: [..., blocks * per_block] or [..., blocks] (per_block 1)
-            if not x.numel():
-                return x
-            lead = x.shape[:-1]
-            return x.reshape(*lead, -1, per_block).index_select(len(lead), keep).reshape(*lead, -1)
+        def cut(xs, per_block):  # per chunk [..., blocks * per_block] -> the kept blocks, chunked anew
+            if not xs:
+                return xs
+            if not any(x.numel() for x in xs):  # not allocated yet
+                return [xs[0].new_empty(0) for _ in stand_ins]
+            lead = xs[0].shape[:-1]
+            joined = torch.cat([x.reshape(*lead, -1, per_block) for x in xs], len(lead))
+            kept = joined.index_select(len(lead), keep)
+            return [c.reshape(*lead, -1).clone() for c in kept.split(sizes, len(lead))]
         for name, per in (("g0", b), ("g1", b), ("residual", b), ("rcodes", b // 2), ("rscales", 1)):
-            xs = getattr(self, name)
-            if xs:
-                xs[0] = cut(xs[0], per)
+            setattr(self, name, cut(getattr(self, name), per))
         h = self.history
         if h is not None:
             per = b if h.kind == "none" else b * h.bits // 8
-            h.codes[0], h.scales[0] = cut(h.codes[0], per), cut(h.scales[0], 1)
-            h.error[0], h.error_scales[0] = cut(h.error[0], b), cut(h.error_scales[0], 1)
-            h.params = [stand_in]
-        self.params = [stand_in]
+            h.codes, h.scales = cut(h.codes, per), cut(h.scales, 1)
+            h.error, h.error_scales = cut(h.error, b), cut(h.error_scales, 1)
+            h.params = list(stand_ins)
+        self.params = list(stand_ins)
+        self.active = list(range(len(self.params)))
         self.groups = groups
         self._fit = None
         return True
@@ -178,16 +183,14 @@ class GradientPredictor:
         if finite is None:
             finite = all_finite(picked)
         self.skipped += (~finite).long()
-        grads = list(grads)
-        for i in self.active:
-            grads[i] = torch.where(finite, grads[i], 0.0)
-        picked = self._pick(grads)
         self.allocate()
+        # (a non-finite record's zeros are made one tensor at a time: one copy alive, not one per tensor)
+        zeroed = lambda i: torch.where(finite, grads[i], 0.0)  # noqa: E731
         if self.history is not None:
-            self.history.push(grads, t, self.active)
+            self.history.push(grads, t, self.active, finite)
         elif self.kind == "momentum":
-            g0 = self._pick(self.g0)
-            torch._foreach_lerp_(g0, [g.to(b.dtype) for g, b in zip(picked, g0)], 1.0 - self.momentum)
+            for i in self.active:
+                self.g0[i].lerp_(zeroed(i).to(self.g0[i].dtype), 1.0 - self.momentum)
             self.sw = self.sw * self.momentum + (1.0 - self.momentum)  # bias correction, 1 - momentum**n
         else:
             if self.last_t < 0:
@@ -196,9 +199,11 @@ class GradientPredictor:
                 self._move_origin(t)
             u = float(t - self.origin)
             c = self.decay ** -u
-            torch._foreach_add_(self._pick(self.g0), picked, alpha=c)
-            if u:
-                torch._foreach_add_(self._pick(self.g1), picked, alpha=c * u)
+            for i in self.active:
+                g = zeroed(i)
+                self.g0[i].add_(g, alpha=c)
+                if u:
+                    self.g1[i].add_(g, alpha=c * u)
             self.sw, self.st, self.stt = self.sw + c, self.st + c * u, self.stt + c * u * u
         self.last_t = t
         return True
@@ -217,16 +222,17 @@ class GradientPredictor:
         self.origin = t
 
     # ---- prediction ------------------------------------------------------------------------
-    def predict_base(self, t: int, index=None):
+    def predict_base(self, t: int, index=None, into=None):
         """The fit at step t without the residual, for the tensors in `index` (None: the active
-        ones, i.e. all unless some were dropped); fresh fp32 (or wider) tensors."""
+        ones, i.e. all unless some were dropped); fresh fp32 (or wider) tensors, or written into
+        `into` (fp32, one per tensor of `index`, whole blocks: a compressed or AR history only)."""
         self.allocate()  # (no record yet: the zero buffers predict zero)
         index = self.active if index is None else index
         pick = lambda xs: [xs[i] for i in index]  # noqa: E731
         if self.kind == "ar":
-            return self.history.weighted_sum(self.ar_weights(t, index), index)
+            return self.history.weighted_sum(self.ar_weights(t, index), index, into=into)
         if self.history is not None:
-            return self.history.weighted_sum(self.ring_weights(t), index)
+            return self.history.weighted_sum(self.ring_weights(t), index, into=into)
         if self.kind == "momentum":
             return torch._foreach_mul(pick(self.g0), 1.0 / self.sw if self.sw > 0 else 0.0)
         a0, a1 = wls_coefficients(self.sw, self.st, self.stt, float(t - self.origin))
@@ -254,9 +260,10 @@ class GradientPredictor:
         if not self.history.filled():
             return {}
         times, slots, rows, coeffs = self.ar_coefficients()
-        if self.groups is not None:
-            w = ar_weights(coeffs, times, t).float()[self.groups[0]]  # [blocks, n]
-            return {k: w[None, :, j] for j, k in enumerate(slots)}
+        if self.groups is not None:  # each block weighted by its group's forecast: [blocks] per tensor
+            w = ar_weights(coeffs, times, t).float()
+            per = [w[self.groups[0][i]] for i in index]  # [blocks, n] per tensor
+            return {k: [x[:, j] for x in per] for j, k in enumerate(slots)}
         picked = coeffs[[rows[i] for i in index]]
         w = ar_weights(picked, times, t).float()  # [len(index), n]
         return {k: w[:, j] for j, k in enumerate(slots)}
@@ -285,32 +292,29 @@ class GradientPredictor:
             return 0.0
         return self.residual_decay ** (t - self.residual_t)
 
-    def _residuals(self, index):
+    def _residual(self, i):
         if self.history is None:
-            return [self.residual[i] for i in index]
-        return [dequantize(self.rcodes[i], self.rscales[i], self.params[i].numel(), self.block, 4)
-                .view_as(self.params[i]) for i in index]
+            return self.residual[i]
+        return dequantize(self.rcodes[i], self.rscales[i], self.params[i].numel(), self.block, 4).view_as(self.params[i])
 
-    def _learn_residual(self, fresh, t):
-        """fresh: the new residuals of the active tensors."""
+    def _learn_residual(self, i, r):
+        """r: the new residual of tensor i."""
         if self.history is None:
-            for i, r in zip(self.active, fresh):
-                self.residual[i] = r
+            self.residual[i].copy_(r)
         else:
-            for i, r in zip(self.active, fresh):
-                codes, scales = int4_pack(r, self.block)
-                self.rcodes[i].copy_(codes)
-                self.rscales[i].copy_(scales)
-        self.residual_t = t
+            codes, scales = int4_pack(r, self.block)
+            self.rcodes[i].copy_(codes)
+            self.rscales[i].copy_(scales)
 
-    def predict(self, t: int, index=None):
+    def predict(self, t: int, index=None, into=None):
         """The prediction for step t (fit plus decayed residual), for the tensors in `index`
-        (None: the active ones)."""
+        (None: the active ones); `into`: see predict_base."""
         index = self.active if index is None else index
-        out = self.predict_base(t, index)
+        out = self.predict_base(t, index, into)
         w = self._residual_weight(t)
         if w:
-            torch._foreach_add_(out, self._residuals(index), alpha=w)
+            for i, x in zip(index, out):  # (one residual decoded at a time)
+                x.add_(self._residual(i), alpha=w)
         return out
 
     def correct(self, grads, t: int):
@@ -325,23 +329,32 @@ class GradientPredictor:
         grads = self._pick(grads)
         actual = [g.to(torch.promote_types(p.dtype, torch.float32)) for g, p in zip(grads, self._pick(self.params))]
         pred = self.predict_base(t, self.active)
-        learn = self.residual_decay > 0
-        fresh = torch._foreach_sub(actual, pred) if learn else None  # actual - fit
         w = self._residual_weight(t)
-        if w:
-            torch._foreach_add_(pred, self._residuals(self.active), alpha=w)
-        diff = torch._foreach_sub(actual, pred)
-        a2, p2, d2 = (torch.stack(torch._foreach_norm(x)).double() ** 2 for x in (actual, pred, diff))
+        finite = all_finite(actual)
+        learn = self.residual_decay > 0
+        a2, p2, d2 = [], [], []
+        # One tensor at a time (a flat history's chunks): its temporaries are freed before the next's.
+        for i, a, p in zip(self.active, actual, pred):
+            fresh = a - p if learn else None  # actual - fit
+            if w:
+                p.add_(self._residual(i), alpha=w)
+            diff = a - p
+            for out, x in ((a2, a), (p2, p), (d2, diff)):
+                out.append(torch.linalg.vector_norm(x))
+            del diff
+            if fresh is not None:  # (the residual is read above, for this tensor only: learnt now; a
+                # non-finite step learns a zero residual, decided on the device)
+                self._learn_residual(i, torch.where(finite, fresh, 0.0))
+        if learn:
+            self.residual_t = t
+        a2, p2, d2 = (torch.stack(x).double() ** 2 for x in (a2, p2, d2))
         dots = (a2 + p2 - d2) / 2  # a.p from three norms: no extra full-size buffer
         per_tensor = self._spread((dots / (a2.sqrt() * p2.sqrt()).clamp_min(1e-30)).clamp(-1.0, 1.0))
         trust = self._spread((dots / p2.clamp_min(1e-30)).clamp(0.0, 1.0))
         cosine = (dots.sum() / (a2.sum().sqrt() * p2.sum().sqrt()).clamp_min(1e-30)).clamp(-1.0, 1.0)
         rel_residual = d2.sum().sqrt() / a2.sum().sqrt().clamp_min(1e-30)
         parts = torch.stack([self._spread(x) for x in (dots, a2, p2)])
-        finite = a2.sum().isfinite()  # |actual|^2 is finite iff every element is
         self.record(full_grads, t, finite=finite)
-        if fresh is not None:  # (a non-finite step learns a zero residual: decided on the device)
-            self._learn_residual([torch.where(finite, r, 0.0) for r in fresh], t)
         # NaN where the gradient was not finite (an fp16 overflow measures nothing)
         return cosine, rel_residual, per_tensor, trust, parts, pred
 

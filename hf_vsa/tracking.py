@@ -24,6 +24,9 @@ from .flat import Windows
 
 logger = logging.getLogger(__name__)
 _RUNNING = 4  # the gate's per-tensor figures: running means over the last few CORRECT steps
+# The flat tensor is handed to the predictor in chunks of at most this many elements (whole blocks), which
+# it works through one at a time: its temporaries are a chunk's, not the whole history's.
+CHUNK = 1 << 24
 
 
 class Tracker:
@@ -71,11 +74,41 @@ class Tracker:
                        align=a.vsa_compression_block)
 
     def _new_predictor(self):
-        stand_in = self.params[0].new_zeros(1, dtype=torch.float32).expand(self.windows.numel)
-        predictor = GradientPredictor([stand_in], **self._predictor_settings(),
-                                      groups=(self.windows.block_owner, self.windows.n_groups))
+        predictor = GradientPredictor(self._stand_ins(), **self._predictor_settings(), groups=self._groups())
         predictor.skipped = self.skipped  # a run's count of refused records, not a history's (shared)
         return predictor
+
+    def _sizes(self):
+        """Elements of each chunk of the flat tensor (at least one chunk, maybe empty)."""
+        n, block = self.windows.numel, self.args.vsa_compression_block
+        step = max(block, CHUNK // block * block)
+        return [min(step, n - s) for s in range(0, n, step)] or [0]
+
+    def _stand_ins(self):
+        zero = self.params[0].new_zeros(1, dtype=torch.float32)
+        return [zero.expand(k) for k in self._sizes()]
+
+    def _groups(self):
+        """Per chunk, the owning tensor of each of its blocks; and the number of tensors."""
+        block, owners, start = self.args.vsa_compression_block, [], 0
+        for k in self._sizes():
+            owners.append(self.windows.block_owner[start:start + k // block])
+            start += k // block
+        return owners, self.windows.n_groups
+
+    def _chunks(self, flat):
+        return list(flat.split(self._sizes()))  # (views)
+
+    def _per_tensor(self, fn, *flats):
+        """Per tensor, the sum of fn(chunks...) over its elements, chunk by chunk (float64 [tensors])."""
+        seg, out, start = self.windows.segment, None, 0
+        for parts in zip(*(self._chunks(f) if isinstance(f, torch.Tensor) else f for f in flats)):
+            k = parts[0].numel()
+            x = torch.zeros(self.windows.n_groups, dtype=torch.float64, device=seg.device).index_add_(
+                0, seg[start:start + k], fn(*parts).double())
+            out = x if out is None else out + x
+            start += k
+        return out
 
     def _predictor_settings(self):
         a = self.args
@@ -137,8 +170,7 @@ class Tracker:
         self.tracked = [i for i in self.tracked if i not in gone]
         old, self.windows = self.windows, self._windows()
         keep = torch.tensor(old.blocks_of(self.tracked), dtype=torch.long).to(old.block_owner.device)
-        stand_in = self.params[0].new_zeros(1, dtype=torch.float32).expand(self.windows.numel)
-        if not self.predictor.compact(keep, stand_in, (self.windows.block_owner, self.windows.n_groups)):
+        if not self.predictor.compact(keep, self._stand_ins(), self._groups()):
             self.predictor = self._new_predictor()  # (vsa bundles cannot be cut: a new, empty history)
         for i in gone:
             self.predict_mask[i] = False
@@ -170,14 +202,14 @@ class Tracker:
         return rel
 
     def _record(self, g, step):
-        self.predictor.record([g], step)
+        self.predictor.record(self._chunks(g), step)
 
     def _drop_sparse(self, g, grads, inv_scale, step):
         """Before a full history's first record (once per run, where the prediction earned it): tensors
         whose gradient is mostly exact zeros (embedding rows of tokens absent from the batch) are never
         predicted nor recorded; they change on backprop steps only. Their prediction would move rows the
         batch never touched. Returns the gradients gathered for the tensors still tracked."""
-        zeros = self.windows.segment_sum((g == 0).float())
+        zeros = self._per_tensor(lambda x: (x == 0).float(), g)
         zeros = zeros.tolist()  # host sync: once per run, at the full history's first record
         pads = [k - n for k, n in zip(self.windows.padded, self.windows.lengths)]  # (the aligning zeros)
         sparse = [i for i in self.tracked if zeros[i] - pads[i] >= 0.5 * self.params[i].numel()]
@@ -192,13 +224,12 @@ class Tracker:
         """A CORRECT step: the prediction against the actual gradient, on the flat tensor, for the model
         and per tensor (segment sums over its blocks): while probing, its gain over the zero gradient
         (earned(), promote()); with full histories, the gate's cosines and trust factors."""
-        cosine, rel, *_, pred = self.predictor.correct([g], step)
-        p = pred[0]
+        cosine, rel, *_, pred = self.predictor.correct(self._chunks(g), step)
         self.cosine = cosine
         self.cosine_sum += torch.nan_to_num(cosine)
         self.corrections += 1
         ws = self.windows
-        dot, p2, g2 = (ws.segment_sum(x) for x in (g * p, p * p, g * g))  # one product alive at a time
+        dot, p2, g2 = (self._per_tensor(fn, g, pred) for fn in (torch.mul, lambda _, p: p * p, lambda g, _: g * g))
         finite = lambda x, old: torch.where(x.isfinite(), old + w * (x - old), old)  # noqa: E731
         # (a non-finite gradient, an fp16 overflow, measures nothing: the running means stay)
         if self.probing:
@@ -276,7 +307,11 @@ class Tracker:
         """{tensor: its predicted gradient} for the tensors in `index` (admitted ones), as views of one
         flat buffer per dtype: on the scale the Trainer expects (times the fp16 loss scale when there is
         one), times each tensor's trust factor with vsa_trust='fitted'."""
-        pred = self.predictor.predict(step)[0]
+        if self.predictor.history is not None:  # written chunk by chunk into one flat buffer
+            pred = torch.empty(self.windows.numel, device=self.params[0].device)
+            self.predictor.predict(step, into=self._chunks(pred))
+        else:
+            pred = torch.cat(self.predictor.predict(step))
         if self.args.vsa_trust == "fitted":
             pred.mul_(self._trust[self.windows.segment])
         if grad_scale is not None:
@@ -301,13 +336,13 @@ class Tracker:
         s = {k: getattr(self, k) for k in self._TENSORS + self._HOST}
         s["names"] = list(self.names)  # what the indices above and the flat layout refer to
         for key, value in self.predictor.state_dict().items():
-            if key != "skipped":  # (the tracker's own count)
-                s[f"predictor.{key.split('.')[0]}"] = value  # (one flat tensor: "codes.0" -> "codes")
+            if key != "skipped":  # (the tracker's own count; chunk i's buffers as "predictor.codes.i")
+                s[f"predictor.{key}"] = value
         return s
 
     def load_state_dict(self, state: dict):
         """Rebuilds the layout the state was saved with, then checks every key, shape and value."""
-        expected = set(self._TENSORS + self._HOST)
+        expected = set(self._TENSORS + self._HOST) | {"names"}
         missing = sorted(expected - set(state))
         if missing:
             raise KeyError(f"tracker state misses {missing[:5]}")
@@ -345,13 +380,12 @@ class Tracker:
                 raise ValueError(f"{key}: expected {tuple(mine.shape)} {mine.dtype}, got "
                                  f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
             setattr(self, key, v.to(mine.device))
-        pred = {}
-        for key in self.predictor.state_dict():
-            short = f"predictor.{key.split('.')[0]}"
-            if key != "skipped":
-                if short not in state:
-                    raise KeyError(f"tracker state misses {short}")
-                pred[key] = state[short]
+        wanted = {f"predictor.{k}" for k in self.predictor.state_dict() if k != "skipped"}  # (the saved layout's)
+        given = {k for k in state if k.startswith("predictor.")}
+        if wanted != given:
+            raise KeyError(f"tracker state keys differ: missing {sorted(wanted - given)[:3]}, unexpected "
+                           f"{sorted(given - wanted)[:3]}")
+        pred = {k[len("predictor."):]: state[k] for k in wanted}
         self.predictor.skipped = self.skipped
         pred["skipped"] = self.skipped
         self.predictor.load_state_dict(pred)

@@ -153,7 +153,7 @@ def results_md(paths) -> str:
             "them meet the same machine speed (the RNGs and accelerate's shared state are swapped at each turn:",
             "every run follows the trajectory it follows alone); there `trainer_again` runs alongside the others.",
             "Evaluation time is excluded from every wall time.", ""]
-    return "\n".join(head) + "\n" + "\n".join(benchmark_section(p) for p in paths)
+    return "\n".join(head) + "\n" + "\n".join(benchmark_section(p) for p in paths) + "\n" + cost_section()
 
 
 def regime_table() -> str:
@@ -206,6 +206,49 @@ def controls_table() -> str:
                      if c in rows else "-" for c in CONTROLS]
             lines.append(f"| {label}, seed {s['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def cost_section() -> str:
+    """What hf_vsa adds to a step, counted (results/op_counts*.json, scripts/diagnostics/count_ops.py), and its
+    peak memory (results/peak_memory*.json, scripts/diagnostics/peak_memory.py)."""
+    lines = ["## Cost per step, counted", "",
+             "The aten ops (GPU kernel launches; views excluded) and host syncs hf_vsa's own code dispatches per "
+             "optimizer step, by phase (median over the run's steps of that phase), against the plain Trainer's "
+             "whole step, on a GPT-2 from config with gradient accumulation 2; the ops should not grow with the "
+             "number of tensors. Counted with `hf_vsa.counting.OpCounter`.", ""]
+    for path in sorted(glob.glob(os.path.join(ROOT, "results", "op_counts*.json"))):
+        data = json.load(open(path))
+        sets = data["args"].get("set") or []
+        cmd = "python scripts/diagnostics/count_ops.py" + "".join(f" --set {x}" for x in sets) + \
+            f" --out results/{os.path.basename(path)}"
+        lines += [f"### `results/{os.path.basename(path)}`: " + ("defaults" if not sets else ", ".join(sets)), "",
+                  f"`{cmd}`", "",
+                  "| layers (tensors) | Trainer step: ops | phase | steps | hf_vsa ops, median (share of the "
+                  "Trainer's step) | max | hf_vsa syncs, max per step |", "|---|---|---|---|---|---|---|"]
+        runs = data["runs"]
+        for r in runs:
+            for phase, x in r["phases"].items():
+                lines.append(f"| {r['layers']} ({r['tensors']}) | {r['trainer_step_ops']:.0f} | {phase} | {x['steps']} "
+                             f"| {x['vsa_ops_median']:.0f} ({x['vsa_ops_median'] / r['trainer_step_ops']:.1%}) "
+                             f"| {x['vsa_ops_max']} | {x['vsa_syncs_max']} |")
+        if len(runs) >= 2:
+            growth = [f"{ph} {runs[-1]['phases'][ph]['vsa_ops_median'] / max(1, runs[0]['phases'][ph]['vsa_ops_median']):.2f}x"
+                      for ph in runs[0]["phases"] if ph in runs[-1]["phases"]]
+            lines += ["", f"hf_vsa's ops from {runs[0]['layers']} to {runs[-1]['layers']} layers: " + ", ".join(growth)
+                      + "."]
+        lines.append("")
+    for path in sorted(glob.glob(os.path.join(ROOT, "results", "peak_memory*.json"))):
+        data = json.load(open(path))
+        runs, sets = {r["kind"]: r for r in data["runs"]}, data["args"].get("set") or []
+        lines += [f"### `results/{os.path.basename(path)}`: " + ("defaults" if not sets else ", ".join(sets)), "",
+                  f"Peak resident memory, each run in a process of its own, GPT-2 of {data['args']['layers']} layers "
+                  f"({runs['trainer']['trainable'] / 1e6:.1f}M trainable parameters), {data['args']['steps']} steps "
+                  f"(VSATrainer's phases: {', '.join(runs['vsa']['phases'])}): the Trainer "
+                  f"{runs['trainer']['peak_rss'] / 2 ** 30:.2f} GiB, VSATrainer {runs['vsa']['peak_rss'] / 2 ** 30:.2f} "
+                  f"GiB, {data['extra_bytes_per_parameter']:+.2f} bytes per trainable parameter. "
+                  "(`python scripts/diagnostics/peak_memory.py" + "".join(f" --set {x}" for x in sets)
+                  + f" --out results/{os.path.basename(path)}`)", ""]
+    return "\n".join(lines)
 
 
 def benchmark_files():

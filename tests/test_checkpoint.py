@@ -1,12 +1,15 @@
 """VSA state in checkpoints: exact resume, refusal of bad state, atomic writes."""
+import contextlib
 import json
 import os
+from unittest.mock import patch
 
 import pytest
 import torch
 from safetensors import safe_open
 
 import hf_vsa.checkpoint as ckpt
+import hf_vsa.tracking as tracking
 from conftest import make_dataset, make_model
 from hf_vsa import VSATrainer, VSATrainingArguments
 
@@ -27,9 +30,11 @@ def args(out, **kw):
 
 
 def train(out, resume=None, data=512, **kw):
+    chunk = kw.pop("_chunk", None)  # the flat history handed to the predictor in chunks of this many elements
     model = make_model()
-    t = VSATrainer(model=model, args=args(out, **kw), train_dataset=make_dataset(data))
-    t.train(resume_from_checkpoint=resume)
+    with patch.object(tracking, "CHUNK", chunk) if chunk else contextlib.nullcontext():
+        t = VSATrainer(model=model, args=args(out, **kw), train_dataset=make_dataset(data))
+        t.train(resume_from_checkpoint=resume)
     return model, t
 
 
@@ -39,6 +44,7 @@ def losses(t, start=0):
 
 VARIANTS = {"accum1": dict(gradient_accumulation_steps=1),
             "full_history": dict(vsa_probe_fraction=0.0),  # every tensor's history from the start
+            "full_history_chunked": dict(vsa_probe_fraction=0.0, _chunk=4096),  # ...in chunks of 4096 elements
             "accum2": dict(gradient_accumulation_steps=2),
             "partial_gated": dict(gradient_accumulation_steps=1, vsa_exact_fraction=0.3, vsa_min_cosine=0.0),
             "uncompressed": dict(vsa_compression="none"),
@@ -55,7 +61,9 @@ VARIANTS = {"accum1": dict(gradient_accumulation_steps=1),
 def straight(request, tmp_path_factory):
     kw = VARIANTS[request.param]
     out = tmp_path_factory.mktemp(request.param)
-    model, t = train(out, **kw)
+    model, t = train(out, **dict(kw))
+    if "_chunk" in kw:
+        assert len(t.vsa.tracker.predictor.params) > 1  # several chunks, saved and restored
     return kw, out, model, t
 
 
@@ -66,7 +74,7 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, straight, at):
     assert t.vsa.phases[at - 1] in {2: ["WARMUP"], 7: ["PREDICT", "FULL"], 8: ["CORRECT"]}[at]
     if not kw.get("vsa_adaptive_block_drop", False):
         assert t.vsa.phases[at - 1] != "FULL"
-    resumed_model, r = train(tmp_path, resume=str(out / f"checkpoint-{at}"), **kw)
+    resumed_model, r = train(tmp_path, resume=str(out / f"checkpoint-{at}"), **dict(kw))
     assert r.vsa.tracker.predict_mask == t.vsa.tracker.predict_mask
     assert r.vsa.tracker.tracked == t.vsa.tracker.tracked
     assert r.vsa.phases == t.vsa.phases[at:]
@@ -120,7 +128,7 @@ def test_saved_file_is_tensors_plus_plain_metadata(straight):
         names = list(f.keys())
         assert all(isinstance(f.get_tensor(k), torch.Tensor) for k in names)
     kind = "g0" if t.vsa.tracker.history is None else "codes"  # running sums, or a ring of records
-    assert f"tracker/predictor.{kind}" in names and info["tracker/names"] == t.vsa.names
+    assert f"tracker/predictor.{kind}.0" in names and info["tracker/names"] == t.vsa.names
     assert not list(out.glob("checkpoint-*/*.tmp"))
 
 
@@ -227,7 +235,7 @@ def test_untracked_tensors_take_no_bytes_and_a_bad_tracked_list_is_refused(tmp_p
     assert names.index("bert.embeddings.word_embeddings.weight") in info["tracker/tracked"]
     block, window = t.args.vsa_compression_block, t.args.vsa_history_window
     blocks = sum(-(-t.vsa.params[i].numel() // block) for i in info["tracker/tracked"])
-    assert tensors["tracker/predictor.codes"].shape == (window, blocks * block // 2)  # int4: 2 per byte
+    assert tensors["tracker/predictor.codes.0"].shape == (window, blocks * block // 2)  # int4: 2 per byte (one chunk)
     _rewrite_info(path, lambda info: info["tracker/tracked"].append(10 ** 6))
     _, go = resume_error(tmp_path, checkpoint, vsa_probe_fraction=0.0)
     with pytest.raises(ValueError, match="vsa_state.safetensors: bad tracker state .*tracked must list distinct"):
@@ -247,7 +255,7 @@ def test_bad_retirement_counts_are_refused(tmp_path, checkpoint, edit):
 
 
 def test_wrong_shape_is_refused(tmp_path, checkpoint):
-    key = "tracker/predictor.codes"
+    key = "tracker/predictor.codes.0"
     _rewrite(checkpoint / ckpt.STATE_FILE, lambda t: t.__setitem__(key, torch.zeros(3, 32, dtype=torch.uint8)))
     _, go = resume_error(tmp_path, checkpoint)
     with pytest.raises(ValueError, match=r"vsa_state.safetensors: .*the saved codes.0 is \(3, 32\)"):

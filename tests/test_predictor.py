@@ -153,26 +153,34 @@ def _flat_pair(compression, shapes=((40, 20), (7,), (3, 100)), block=64, steps=(
     w = Windows(params, 0, 0, 4, scaled=False, fraction=1.0, align=block)
     kw = dict(kind="ar", compression=compression, window=6, block=block, order=2, residual_decay=0.5)
     per = GradientPredictor(params, **kw)
-    flat = GradientPredictor([torch.zeros(w.numel)], **kw, groups=(w.block_owner, w.n_groups))
+    flat = GradientPredictor([torch.zeros(w.numel)], **kw, groups=([w.block_owner], w.n_groups))
+    sizes = [192] * (w.numel // 192) + ([w.numel % 192] if w.numel % 192 else [])  # chunks of 3 blocks
+    owners = list(w.block_owner.split([k // block for k in sizes]))
+    chunked = GradientPredictor([torch.zeros(k) for k in sizes], **kw, groups=(owners, w.n_groups))
     drift = [torch.randn(s, generator=gen) for s in shapes]
     for k, t in enumerate(steps):
         grads = [d * (1 + 0.3 * k) * (-1) ** (t * j) + 0.2 * torch.randn(s, generator=gen)
                  for j, (d, s) in enumerate(zip(drift, shapes))]
+        g = w.gather(grads)
         if k == len(steps) - 1:
-            per.correct(grads, t), flat.correct([w.gather(grads)], t)
+            per.correct(grads, t), flat.correct([g], t), chunked.correct(list(g.split(sizes)), t)
         else:
-            per.record(grads, t), flat.record([w.gather(grads)], t)
+            per.record(grads, t), flat.record([g], t), chunked.record(list(g.split(sizes)), t)
+    flat.chunked = chunked
     return params, w, per, flat
 
 
 @pytest.mark.parametrize("compression", ["none", "int4"])
 def test_a_flat_history_with_groups_predicts_what_per_tensor_histories_predict(compression):
-    """One AR fit per tensor either way (its blocks' inner products summed per owner), the same records."""
+    """One AR fit per tensor either way (its blocks' inner products summed per owner), the same records;
+    and the same again from the flat tensor handed over in chunks that cut through tensors."""
     params, w, per, flat = _flat_pair(compression)
     expect = per.predict(11)
     got = w.views(flat.predict(11)[0])
+    chunked = w.views(torch.cat(flat.chunked.predict(11)))
     for i, e in enumerate(expect):
         torch.testing.assert_close(got[i], e, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(chunked[i], e, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("compression", ["none", "int4", "vsa"])
@@ -183,7 +191,7 @@ def test_cutting_tensors_out_of_a_flat_history_keeps_the_others_records(compress
     kept = [0, 2]
     after_w = Windows(params, 0, 0, 4, scaled=False, fraction=1.0, align=64, select=kept)
     keep = torch.tensor(w.blocks_of(kept))
-    cut = flat.compact(keep, torch.zeros(after_w.numel), (after_w.block_owner, after_w.n_groups))
+    cut = flat.compact(keep, [torch.zeros(after_w.numel)], ([after_w.block_owner], after_w.n_groups))
     if compression == "vsa":  # keys bind positions of the whole tensor: cannot be cut, the caller starts anew
         assert not cut
         return
@@ -196,6 +204,6 @@ def test_cutting_tensors_out_of_a_flat_history_keeps_the_others_records(compress
         torch.testing.assert_close(after[i], before[i], rtol=1e-5, atol=1e-6)
     state = flat.state_dict()  # the cut state round-trips into a predictor built for the new layout
     again = GradientPredictor([torch.zeros(after_w.numel)], kind="ar", compression=compression, window=6, block=64,
-                              order=2, residual_decay=0.5, groups=(after_w.block_owner, after_w.n_groups))
+                              order=2, residual_decay=0.5, groups=([after_w.block_owner], after_w.n_groups))
     again.load_state_dict(state)
     torch.testing.assert_close(again.predict(11)[0], flat.predict(11)[0])

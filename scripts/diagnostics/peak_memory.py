@@ -4,6 +4,7 @@ process of its own (VmHWM from /proc/self/status), on a 12-layer GPT-2 built fro
 usage:
     python scripts/diagnostics/peak_memory.py --out results/peak_memory.json
     python scripts/diagnostics/peak_memory.py --layers 2 --steps 24          # quick
+    python scripts/diagnostics/peak_memory.py --set vsa_probe_fraction=0.0   # any VSATrainingArguments field
 
 The engine issue's bar: VSATrainer's peak at most 2 bytes per trainable parameter above the Trainer's,
 CORRECT steps included (the default schedule reaches its first CORRECT step by step 20).
@@ -15,7 +16,7 @@ import subprocess
 import sys
 
 
-def child(kind, layers, steps, vocab):
+def child(kind, layers, steps, vocab, sets):
     import tempfile
 
     import torch
@@ -25,6 +26,8 @@ def child(kind, layers, steps, vocab):
     from hf_vsa.counting import peak_rss_bytes
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tasks import _lm_blocks
+    from benchmark import parse_value
+    extra = {k: parse_value(v) for k, v in (x.split("=", 1) for x in sets)}
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_layer=layers))
     ids = torch.randint(0, vocab, (256 * 32,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -36,7 +39,7 @@ def child(kind, layers, steps, vocab):
         if kind == "trainer":
             t = Trainer(model=model, args=TrainingArguments(**kw), train_dataset=train)
         else:
-            t = VSATrainer(model=model, args=VSATrainingArguments(**kw), train_dataset=train)
+            t = VSATrainer(model=model, args=VSATrainingArguments(**kw, **extra), train_dataset=train)
         t.train()
         phases = sorted(set(t.vsa.phases)) if kind != "trainer" else []
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -50,13 +53,15 @@ def main():
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--out")
     p.add_argument("--child")
+    p.add_argument("--set", action="append", default=[], help="a VSATrainingArguments field=value")
     a = p.parse_args()
     if a.child:
-        return child(a.child, a.layers, a.steps, a.vocab)
+        return child(a.child, a.layers, a.steps, a.vocab, a.set)
     rows = []
     for kind in ("trainer", "vsa"):
         out = subprocess.run([sys.executable, __file__, "--child", kind, "--layers", str(a.layers), "--steps",
-                              str(a.steps), "--vocab", str(a.vocab)], capture_output=True, text=True, check=True)
+                              str(a.steps), "--vocab", str(a.vocab)] + [f"--set={x}" for x in a.set],
+                             capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base, vsa = rows
     extra = (vsa["peak_rss"] - base["peak_rss"]) / base["trainable"]
