@@ -5,9 +5,13 @@ micro-batches (the last one always, so that DDP synchronises as usual) and resca
 K / m, m chosen by noise.micro_batches_needed. Decided from the second measured step on, WARMUP
 included: early in training the mean dominates the gradient and the noise scale is small, so this is
 a batch-size ramp taken from measurement. Host integers only; no tensor is read.
+
+Ternary accumulation (TernaryAccumulator, vsa_ternary_accumulation): the micro-batches' gradients kept
+as unbiased stochastic ternary codes between micro-batches instead of full precision.
 """
 import torch
 
+from .compress import dequantize, mix_seed, ternary_pack
 from .noise import micro_batches_needed
 
 # Steps whose noise scale was measured before the micro-batches are decided from it: one step's
@@ -67,3 +71,58 @@ class AdaptiveAccumulation:
             if grads:
                 torch._foreach_mul_(grads, factor)
         return factor
+
+
+class TernaryAccumulator:
+    """Gradient accumulation in ternary: while a micro-batch's backward runs, each parameter's
+    fresh gradient is replaced, the moment autograd finishes it, by stochastically rounded ternary
+    codes (unbiased, 2 bits per element plus block scales, seeded by (seed, step, micro-batch,
+    tensor)), so no full-precision .grad lives between micro-batches. In the last micro-batch the
+    stored codes are added back into each .grad as it is produced, so the optimizer sees
+    sum_k g_k + error with E[error] = 0 and, per block of scale s (max |g| of that block),
+    E[error^2] = sum |g| (s - |g|) over the rounded micro-batches' elements."""
+
+    def __init__(self, params, block=256, seed=0):
+        self.params, self.block, self.seed = list(params), block, seed
+        self.entries = [[] for _ in self.params]  # per tensor: [(packed codes, scales)]
+
+    def _compress(self, i, step, micro):
+        p = self.params[i]
+        gen = torch.Generator(device=p.device)
+        gen.manual_seed(mix_seed(self.seed, 2, step, micro, i))
+        self.entries[i].append(ternary_pack(p.grad, self.block, gen))
+        p.grad = None  # the full-precision gradient is not kept
+
+    def _restore(self, i):
+        p = self.params[i]
+        if not self.entries[i]:
+            return
+        total = sum(dequantize(c, s, p.numel(), self.block) for c, s in self.entries[i]).view_as(p).to(p.dtype)
+        self.entries[i].clear()
+        if p.grad is None:
+            p.grad = total
+        else:
+            p.grad.add_(total)
+
+    def micro_batch(self, step, micro, last):
+        """Context manager around one micro-batch's forward+backward."""
+        acc = self
+
+        class _Hooks:
+            def __enter__(self):
+                def hook(i):
+                    if last:
+                        return lambda p: acc._restore(i)
+                    return lambda p: acc._compress(i, step, micro)
+                self.handles = [p.register_post_accumulate_grad_hook(hook(i))
+                                for i, p in enumerate(acc.params) if p.requires_grad]
+                return self
+
+            def __exit__(self, *exc):
+                for h in self.handles:
+                    h.remove()
+                if last:  # tensors that got no gradient in the last micro-batch
+                    for i in range(len(acc.params)):
+                        acc._restore(i)
+                return False
+        return _Hooks()

@@ -13,10 +13,9 @@ import math
 import torch
 
 from .blocks import BlockDrop
-from .compress import TernaryAccumulator
 from .controller import Phase, PhaseController, whole_step_pays
 from .flat import Deferred
-from .accumulation import MIN_MEASURED, AdaptiveAccumulation
+from .accumulation import MIN_MEASURED, AdaptiveAccumulation, TernaryAccumulator
 from .noise import NoiseScale
 from .stats import engine_stats
 from .tracking import Tracker

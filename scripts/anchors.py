@@ -46,19 +46,20 @@ def branches(model):
 
 
 def allocate(sensitivity, flops, target, min_rate=0.0):
-    """allocate_p.cc: greedy drop rates in steps of 0.1 (at most 0.9) until the kept FLOPs <= target."""
-    rates = [min_rate] * len(flops)
+    """allocate_p.cc: greedy drop rates in steps of 0.1 (at most 0.9) until the kept FLOPs <= target.
+    (Counted in tenths: their float32 rates stop at 0.9, float64 sums of 0.1 would pass it.)"""
+    tenths = [0] * len(flops)
     heap = [(sensitivity[i] * (0.1 + min_rate), -i) for i in range(len(flops))]  # (cost of the next 0.1, -index)
     heapq.heapify(heap)
     kept = sum(flops) * (1 - min_rate)
     while kept > target and heap:
         cost, neg = heapq.heappop(heap)
         i = -neg
-        rates[i] += 0.1
+        tenths[i] += 1
         kept -= flops[i] * 0.1
-        if rates[i] < 0.9:
+        if min_rate + tenths[i] / 10 < 0.9 - 1e-9:
             heapq.heappush(heap, (cost + 0.1 * sensitivity[i], neg))
-    return rates
+    return [min_rate + k / 10 for k in tenths]
 
 
 class DropBPTrainer(Trainer):

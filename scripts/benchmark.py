@@ -51,6 +51,9 @@ CONFIGS = {
     # Every skipping mechanism off (no PREDICT block, every micro-batch computed): what hf_vsa's recording
     # and measuring cost a backprop step (the engine issue: at most 2% over the Trainer's).
     "measure_only": {"vsa_predict_steps": 0, "vsa_adaptive_accumulation": False},
+    # DropBP as its authors publish it (scripts/anchors.py): the plain Trainer dropping each block's attention
+    # and MLP backward at random on every step, rates from measured sensitivities under a FLOPs budget (0.5).
+    "dropbp_published": "dropbp",
     # The plain Trainer again, after the other runs: the A/A control. Its ratios against the first run are
     # this machine's timing noise (same work, same trajectory), the yardstick for the others' small gaps.
     "trainer_again": None,
@@ -216,6 +219,10 @@ def make_trainer(name, overrides, a, callbacks):
     if overrides == "small":  # the same examples in accum times the steps of the task's own batch
         common.update(max_steps=a.steps * accum, eval_steps=a.eval_every * accum, gradient_accumulation_steps=1)
         overrides = None
+    if overrides == "dropbp":
+        from anchors import DropBPTrainer
+        return DropBPTrainer(model=model, args=VSATrainingArguments(**common, vsa_enabled=False), train_dataset=train,
+                             eval_dataset=evl, callbacks=list(callbacks))
     if overrides is None:
         args = VSATrainingArguments(**common, vsa_enabled=False)
         cls = Trainer
@@ -290,6 +297,7 @@ def record(name, overrides, trainer, clock, lockstep=False):
             "noise_scale": vsa.get("vsa/noise_scale"), "batch_over_noise_scale": vsa.get("vsa/batch_over_noise_scale"),
             "mean_share": vsa.get("vsa/mean_share"),
             "whole_steps": len(engine.whole_steps) if engine else 0,
+            "dropbp_rates": getattr(trainer, "rates", None),  # DropBP as published: the rates at the end
             "examples_per_step": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps,
             # per block, at the end: the drop probabilities in use and the measured lag-1 gradient cosines
             "block_drop": list(engine.drop) if engine else None,

@@ -10,7 +10,8 @@ from transformers import TrainerCallback
 
 from conftest import make_dataset, make_model
 from hf_vsa import GradientPredictor, VSATrainer, VSATrainingArguments
-from hf_vsa.compress import (CompressedHistory, TernaryAccumulator, blocks_of, dequantize, int4_pack, pack,
+from hf_vsa.accumulation import TernaryAccumulator
+from hf_vsa.compress import (CompressedHistory, blocks_of, dequantize, int4_pack, pack,
                              packed_bytes, ternarize, unpack)
 
 BLOCK = 64
