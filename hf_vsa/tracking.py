@@ -2,11 +2,12 @@
 
 The predictor always runs on ONE flat tensor (flat.Windows, aligned to the compression block, so each
 block belongs to one parameter): first the probe's sample of every tensor (probe.py), then, once the
-prediction has earned it, the whole of the tensors promoted within vsa_state_budget. Recording,
-predicting and comparing are thus a few ops whatever the number of tensors; per-tensor figures (the
-gate's cosines, trust factors, the probe's gains) are segment sums over the flat tensor, and the
-AR fit is one per parameter (its blocks' inner products summed per owner). A prediction reaches .grad
-as views of one flat buffer (no op per tensor).
+prediction has earned it, the whole of the tensors promoted within vsa_state_budget. It is handed to
+the predictor in chunks of CHUNK elements, worked through one at a time (temporaries: a chunk's).
+Recording, predicting and comparing are thus a few ops per chunk whatever the number of tensors;
+per-tensor figures (the gate's cosines, trust factors, the probe's gains) are segment sums over the
+flat tensor, and the AR fit is one per parameter (its blocks' inner products summed per owner). A
+prediction reaches .grad as views of one flat buffer (no op per tensor).
 
 Host syncs here: one per CORRECT step (`_correct`, its measurements in one `tolist`), one per run
 where a full history starts with vsa_skip_sparse (`_drop_sparse`), and at load.

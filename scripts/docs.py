@@ -208,6 +208,25 @@ def controls_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def anchors_table() -> str:
+    """hf_vsa's default against the published anchors (results/anchors_<task>.json), one row per run and seed:
+    per-step speed, time to the Trainer's final eval loss, eval loss against the Trainer at equal steps (the
+    mean of its last 5 evaluations) and at equal wall time."""
+    lines = ["| task, seed | run | per-step speed | time to the Trainer's final eval loss | eval loss vs Trainer, "
+             "last 5 evaluations at equal steps | at equal wall time |", "|---|---|---|---|---|---|"]
+    for task in TASKS + ("smollm_lora",):
+        path = os.path.join(ROOT, "results", f"anchors_{task}.json")
+        if not os.path.exists(path):
+            continue
+        for s in json.load(open(path))["seeds"]:
+            late = _late(s)
+            for row in s["summary"]["rows"][1:]:
+                cells = _row_cells(row, late[row["name"]])
+                lines.append(f"| {task}, seed {s['seed']} | {row['name']} | {cells[0]} | {cells[1]} | {cells[3]} | "
+                             f"{cells[4]} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def cost_section() -> str:
     """What hf_vsa adds to a step, counted (results/op_counts*.json, scripts/diagnostics/count_ops.py), and its
     peak memory (results/peak_memory*.json, scripts/diagnostics/peak_memory.py)."""
@@ -269,7 +288,14 @@ def readme_with_table(text) -> str:
                 "(no forward, no backward), writing the AR prediction (`predict_all`), a zero gradient (`coast`: "
                 "AdamW moves on its momentum) or nothing (`skip`); eval loss against the Trainer at equal steps "
                 "(mean of the last 5 evaluations) / at equal wall time.\n\n")
-    return head + BEGIN + "\n" + regime_table() + controls + controls_table() + END + tail
+    anchors = anchors_table()
+    if anchors:
+        anchors = ("\nAgainst the published anchors: DropBP as its authors publish it (`dropbp_published`: each block's "
+                   "attention and MLP backward dropped at random on every step, rates from measured sensitivities under "
+                   "a FLOPs budget of 0.5; scripts/anchors.py) and the plain Trainer run again (`trainer_again`, "
+                   "timing noise), in lockstep. Per-step speed is over the whole run: DropBP's one-off sensitivity "
+                   "measurement included (its ordinary steps: docs/method.md).\n\n" + anchors)
+    return head + BEGIN + "\n" + regime_table() + controls + controls_table() + anchors + END + tail
 
 
 def targets():

@@ -130,3 +130,85 @@ def test_model_init_builds_a_fresh_model_for_each_train_call(tmp_path):
     second = t.train().training_loss  # model_init again: the same run from the same seed
     assert first == second
     assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_hyperparameter_search_runs_its_trials_with_hf_vsa_on(tmp_path):
+    """Trainer.hyperparameter_search (optuna): each trial a fresh model from model_init, a fresh hf_vsa
+    engine, and the objective from its own evaluation."""
+    pytest.importorskip("optuna")
+    args = VSATrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8,
+                                learning_rate=1e-3, report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+                                save_strategy="no", eval_strategy="steps", eval_steps=6, **SKIPPING)
+    t = VSATrainer(model_init=lambda: make_model(), args=args, train_dataset=make_dataset(256),
+                   eval_dataset=make_dataset(32, 1))
+    engines = []
+
+    class Seen(TrainerCallback):
+        def on_train_end(self, *a, **kw):
+            engines.append((t.vsa, t.vsa.controller.counts["PREDICT"]))
+    t.add_callback(Seen)
+    best = t.hyperparameter_search(direction="minimize", backend="optuna", n_trials=2,
+                                   hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2,
+                                                                                                log=True)})
+    assert len(engines) == 2 and engines[0][0] is not engines[1][0]  # a fresh engine per trial
+    assert all(predicted > 0 for _, predicted in engines)
+    assert best.objective == best.objective and "learning_rate" in best.hyperparameters
+
+
+class Line(torch.nn.Module):
+    """y = a x + b with two 0-dim parameters and no config: the smallest model the Trainer accepts."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(torch.tensor(0.0)), torch.nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x, labels=None):
+        y = self.a * x + self.b
+        return {"loss": torch.nn.functional.mse_loss(y, labels), "logits": y}
+
+
+class Points(torch.utils.data.Dataset):
+    def __init__(self, n=64, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, generator=g)
+        self.y = 2 * self.x + 3 + 0.1 * torch.randn(n, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def line_trainer(out, callbacks=(), **kw):
+    args = VSATrainingArguments(output_dir=str(out), per_device_train_batch_size=8, learning_rate=0.1,
+                                report_to="none", use_cpu=True, disable_tqdm=True, seed=0, **SKIPPING, **kw)
+    return VSATrainer(model=Line(), args=args, train_dataset=Points(), eval_dataset=Points(16, 1),
+                      callbacks=list(callbacks))
+
+
+def test_a_model_of_scalar_parameters_trains_evaluates_and_saves(tmp_path):
+    t = line_trainer(tmp_path, max_steps=24, eval_strategy="steps", eval_steps=8, save_strategy="steps", save_steps=8)
+    out = t.train()
+    assert out.global_step == 24 and t.vsa.controller.counts["PREDICT"] > 0
+    assert abs(t.model.a.item() - 2) < abs(0 - 2)  # it learnt something
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-16", "checkpoint-24", "checkpoint-8"]
+
+
+def test_a_callback_stops_training_and_stateful_callbacks_come_back_on_resume(tmp_path):
+    from transformers import EarlyStoppingCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= 5:
+                control.should_training_stop = True
+    assert line_trainer(tmp_path / "stop", [Stop()], max_steps=24).train().global_step == 5
+    kw = dict(max_steps=8, eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
+              load_best_model_at_end=True, metric_for_best_model="eval_loss")
+    line_trainer(tmp_path / "a", [EarlyStoppingCallback(early_stopping_patience=5, early_stopping_threshold=0.2)],
+                 **kw).train()
+    again = line_trainer(tmp_path / "a", [EarlyStoppingCallback()], restore_callback_states_from_checkpoint=True,
+                         **dict(kw, max_steps=12))
+    again.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-8"))
+    cb = next(c for c in again.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback))
+    assert (cb.early_stopping_patience, cb.early_stopping_threshold) == (5, 0.2)
