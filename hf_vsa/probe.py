@@ -17,8 +17,6 @@ steps give the predicted tensors no update. The windows follow from the seed alo
 Each tensor's windows are padded to whole compression blocks (`align`), so the AR fit is one per tensor
 on the sample as it is on the full history.
 """
-import torch
-
 from .flat import Windows
 
 # A tensor of at most this many elements is sampled whole: the cosine of two unrelated 4096-element
@@ -29,15 +27,3 @@ MIN_ELEMENTS = 4096
 def probe_windows(params, fraction, seed, align=1):
     """The probe's sample of `params` (flat.Windows)."""
     return Windows(params, MIN_ELEMENTS, seed, 4, fraction=fraction, align=align)
-
-
-class Probe:
-    """The sample and its stand-in: one flat tensor shaped like it, for a predictor to track."""
-
-    def __init__(self, params, fraction, seed, align=1):
-        self.windows = probe_windows(params, fraction, seed, align)
-        self.stand_ins = [params[0].new_zeros(1, dtype=torch.float32).expand(self.windows.numel)]
-
-    def sample(self, grads):
-        """[the sampled, scaled elements of all gradients as one flat fp32 tensor]."""
-        return [self.windows.gather(grads)]

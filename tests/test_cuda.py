@@ -61,7 +61,7 @@ def test_compressed_history_on_cuda_is_seeded_and_syncs_nowhere(kind):
 
 
 def test_the_probe_samples_on_the_gradients_device_without_a_host_sync():
-    from hf_vsa.probe import Probe
+    from conftest import Probe
     torch.manual_seed(0)
     grads = [torch.randn(256, 512, device="cuda"), torch.randn(77, device="cuda")]
     probe = Probe([torch.zeros_like(g) for g in grads], 1 / 16, seed=0, align=256)

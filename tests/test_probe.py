@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from conftest import make_dataset, make_model
+from conftest import Probe, make_dataset, make_model
 from hf_vsa import GradientPredictor, Phase, VSATrainer, VSATrainingArguments
-from hf_vsa.probe import MIN_ELEMENTS, Probe
+from hf_vsa.probe import MIN_ELEMENTS
 
 # (DropBP at its configured rate: the tiny model's blocks carry alike signal, so the measured rate
 # would back PREDICT steps off to backprop; tests of that pass vsa_adaptive_block_drop=True)
