@@ -26,7 +26,10 @@ def render_section(engine, args, plot=None) -> str:
     template = resources.files("hf_vsa.model_cards").joinpath("vsa_section.md.j2").read_text()
     how = (f"computed exactly for the top {args.vsa_exact_fraction:.0%} of trainable tensors by a partial "
            "backward and predicted for the others" if engine.exact else "predicted in closed form")
-    if engine.blocks:
+    if engine.exact and args.vsa_block_drop == 0:
+        how = ("not used on partial steps: with vsa_block_drop=0 the PREDICT steps that were not whole ran full "
+               "backprop")
+    elif engine.blocks:
         if args.vsa_adaptive_block_drop:
             p = (f"probability {args.vsa_block_drop:g} x (1 - sqrt of its gradient's measured signal share) "
                  "where that signal per unit of backward cost was below the step's, else never; where no block "

@@ -175,8 +175,10 @@ class VSAArguments:
                           "(and only they are tracked by the predictor). 0: PREDICT steps run no backward."},
     )
     vsa_block_drop: float = field(
-        default=0.5,
-        metadata={"help": "With vsa_exact_fraction > 0, DropBP on PREDICT steps: each transformer block (of the "
+        default=0.0,
+        metadata={"help": "0 (the default): PREDICT steps that are not whole run full backprop, as measured on "
+                          "SmolLM2 (DropBP here and as published cost eval loss at equal wall time; docs/method.md). "
+                          "Above 0, with vsa_exact_fraction > 0, DropBP on PREDICT steps: each transformer block (of the "
                           "model's longest list of identical layers) whose trainable tensors are all predicted "
                           "skips its backward with this probability, in [0, 1], drawn per step from vsa_seed. A "
                           "skipped block passes its output's gradient to its input unchanged (the residual path); "

@@ -102,7 +102,8 @@ def summary(name, data_name, trainer, clock, out, metrics, args):
     else:
         predicted = vsa.controller.counts["PREDICT"]
         print(f"full backward passes   {steps - predicted}")
-        print(f"PREDICT steps          {predicted}" + (f" ({describe_predict(trainer, args)})" if predicted else ""))
+        print(f"PREDICT steps          {predicted}" + (f" ({describe_predict(trainer, args)})" if predicted else
+                                                       " (the PREDICT blocks ran backprop: nothing measured to pay)"))
         print(f"whole-step PREDICT     {len(vsa.whole_steps)} (no forward, no backward: where measured to pay)")
         if vsa.accum > 1:
             print(f"micro-batches computed {vsa.micro.computed} of {vsa.micro.seen} (adaptive accumulation)")

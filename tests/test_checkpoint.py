@@ -16,7 +16,7 @@ from hf_vsa import VSATrainer, VSATrainingArguments
 # (DropBP at its configured rate: the tiny model's blocks carry alike signal, so the measured rate
 # would back PREDICT steps off to backprop; tests of that pass vsa_adaptive_block_drop=True)
 SCHEDULE = dict(vsa_warmup_steps=3, vsa_history_window=3, vsa_full_steps=2, vsa_predict_steps=6,
-                vsa_correct_every=3, vsa_adaptive_phases=True, vsa_adaptive_block_drop=False)
+                vsa_correct_every=3, vsa_adaptive_phases=True, vsa_block_drop=0.5, vsa_adaptive_block_drop=False)
 # Phases for 24 steps: WWW FF PPCPPP FF PPCPPP FF PPC (adaptive lengths may vary after the first cycle)
 STEPS = 24
 

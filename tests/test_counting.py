@@ -12,7 +12,7 @@ from tasks import _lm_blocks
 
 # A schedule that reaches every phase in 30 steps; a fixed DropBP rate so PREDICT steps run (partial backward).
 SCHEDULE = dict(vsa_warmup_steps=4, vsa_full_steps=3, vsa_predict_steps=8, vsa_correct_every=3,
-                vsa_adaptive_block_drop=False)
+                vsa_block_drop=0.5, vsa_adaptive_block_drop=False)
 
 
 def gpt2(layers):

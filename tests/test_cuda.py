@@ -124,7 +124,7 @@ def test_warmup_full_and_predict_steps_never_sync_the_host_on_cuda(tmp_path, mon
     args = VSATrainingArguments(output_dir=str(tmp_path), max_steps=40, per_device_train_batch_size=8,
                                 gradient_accumulation_steps=2, report_to="none", save_strategy="no",
                                 disable_tqdm=True, logging_steps=1000, vsa_warmup_steps=3, vsa_full_steps=2,
-                                vsa_predict_steps=8, vsa_correct_every=4, vsa_adaptive_block_drop=False)
+                                vsa_predict_steps=8, vsa_correct_every=4, vsa_block_drop=0.5, vsa_adaptive_block_drop=False)
     t = VSATrainer(model=make_model().cuda(), args=args, train_dataset=make_dataset(1024))
     t.train()
     assert {"WARMUP", "FULL", "PREDICT", "CORRECT"} <= set(t.vsa.phases)

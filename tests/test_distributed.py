@@ -95,7 +95,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path):
                                 learning_rate=1e-3, report_to="none", use_cpu=True, save_strategy="no",
                                 disable_tqdm=True, seed=0, vsa_warmup_steps=3, vsa_history_window=3,
                                 vsa_full_steps=2, vsa_predict_steps=6, vsa_correct_every=3,
-                                vsa_exact_fraction=0.3, vsa_min_cosine=0.0)
+                                vsa_exact_fraction=0.3, vsa_min_cosine=0.0, vsa_block_drop=1.0)
     t = VSATrainer(model=make_model(), args=args, train_dataset=make_dataset(512))
     t.train(resume_from_checkpoint=str(straight / "run" / "checkpoint-8"))
     # The schedule state carries over whatever the world size (the data split itself changes).

@@ -161,3 +161,26 @@ def test_early_stopping_stops_a_vsatrainer_run(tmp_path):
                    callbacks=[EarlyStoppingCallback(early_stopping_patience=2)])
     out = t.train()  # a zero learning rate: the eval loss never improves, so the run stops after 3 evaluations
     assert out.global_step == 12
+
+
+def test_with_the_defaults_at_one_micro_batch_a_step_it_trains_as_the_trainer_bit_for_bit(tmp_path):
+    """The default skips nothing where nothing is measured to pay: no partial backward (vsa_block_drop=0),
+    whole-step PREDICT only from a measured noise scale (two or more micro-batches a step), so the PREDICT
+    blocks run backprop while their CORRECT steps measure the prediction, and the trajectory is the
+    Trainer's, every weight and every logged loss."""
+    kw = dict(max_steps=40, logging_steps=5)
+    plain = Trainer(model=make_model(), args=TrainingArguments(**common(tmp_path / "plain", **kw)),
+                    train_dataset=make_dataset(512))
+    plain.train()
+    losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]  # noqa: E731
+    # (with the drop rate not measured, vsa_adaptive_block_drop=False, the configured rate alone decides)
+    for extra in ({}, {"vsa_adaptive_block_drop": False}):
+        vsa = VSATrainer(model=make_model(), args=VSATrainingArguments(**common(tmp_path / "vsa", **kw, **extra)),
+                         train_dataset=make_dataset(512))
+        vsa.train()
+        e = vsa.vsa
+        assert e.controller.counts["CORRECT"] > 0 and e.tracker.corrections > 0  # the prediction was measured
+        assert "PREDICT" not in e.phases and e.stats()["vsa/backward_fraction"] == 1.0
+        for (name, a), b in zip(plain.model.named_parameters(), vsa.model.parameters()):
+            assert torch.equal(a, b), name
+        assert losses(plain) == losses(vsa)

@@ -16,8 +16,15 @@ def run(tmp_path, *extra):
     return out.stdout
 
 
-def test_main_job_fine_tunes_the_real_model_and_prints_a_summary(tmp_path):
+def test_main_job_with_the_defaults_runs_every_backward_and_measures(tmp_path):
     out = run(tmp_path)
+    assert "full backward passes   14" in out and "optimizer steps        14" in out
+    assert "PREDICT steps          0 (the PREDICT blocks ran backprop: nothing measured to pay)" in out
+    assert "final eval accuracy" in out and (tmp_path / "model.safetensors").exists()
+
+
+def test_main_job_fine_tunes_the_real_model_and_prints_a_summary(tmp_path):
+    out = run(tmp_path, "--vsa_block_drop", "0.5")
     assert "== VSATrainer summary ==" in out
     assert "optimizer steps        14" in out
     assert "full backward passes   9" in out  # WWW FF PCPP FF PCP

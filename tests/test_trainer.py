@@ -20,8 +20,11 @@ NO_BACKWARD = dict(SCHEDULE, vsa_exact_fraction=0.0, vsa_min_cosine=-1.0)
 
 
 def args(tmp_path, **kw):
+    # (vsa_block_drop=0.5: PREDICT steps run the partial backward, which these tests exercise; the default 0
+    # backs them off to backprop)
     base = dict(output_dir=str(tmp_path / "out"), max_steps=24, per_device_train_batch_size=8, learning_rate=1e-3,
-                logging_steps=5, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+                logging_steps=5, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+                vsa_block_drop=0.5)
     base.update(kw)
     return VSATrainingArguments(**base)
 
@@ -558,7 +561,7 @@ def test_where_every_block_carries_the_same_signal_predict_steps_back_off_to_bac
     assert e.controller.counts["CORRECT"] > 0 and e.tracker.corrections > 0
     assert e.stats()["vsa/backward_fraction"] > sum(p is Phase.PREDICT for p, *_ in predict) / 40
     # Off: the configured probability, whatever the measurement; blocks are skipped.
-    e, predict = dropbp_run(tmp_path, same, learning_rate=1e-6, vsa_adaptive_block_drop=False)
+    e, predict = dropbp_run(tmp_path, same, learning_rate=1e-6, vsa_block_drop=0.5, vsa_adaptive_block_drop=False)
     assert all(drop == [0.5, 0.5] and phase is Phase.PREDICT for phase, drop, *_ in predict)
     assert any(not set(b) <= computed for _, _, _, computed, _ in predict for b in e.block_tensors)
 

@@ -27,7 +27,8 @@ MODES = {
     "default": {},
     # gradient accumulation 2 with micro-batch gradients held in ternary between micro-batches
     "ternary_accumulation": dict(vsa_exact_fraction=0.3, vsa_min_cosine=0.0, gradient_accumulation_steps=2,
-                                 vsa_ternary_accumulation=True, vsa_whole_step=False, vsa_adaptive_block_drop=False),
+                                 vsa_ternary_accumulation=True, vsa_whole_step=False, vsa_block_drop=0.5,
+                                 vsa_adaptive_block_drop=False),
     "no_backward": dict(vsa_exact_fraction=0.0, vsa_min_cosine=-1.0),
     # PREDICT steps: a backward that stops at the exact tensors
     "partial": dict(vsa_exact_fraction=0.3, vsa_min_cosine=0.0, vsa_block_drop=1.0, vsa_whole_step=False),
