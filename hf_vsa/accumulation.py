@@ -2,7 +2,7 @@
 
 With gradient_accumulation_steps = K > 1, a step runs the forward and backward of only its last m
 micro-batches (the last one always, so that DDP synchronises as usual) and rescales their sum by
-K / m, m chosen by noise.micro_batches_needed. Decided from the second measured step on, WARMUP
+K / m, m chosen by policy.micro_batches_needed. Decided from the second measured step on, WARMUP
 included: early in training the mean dominates the gradient and the noise scale is small, so this is
 a batch-size ramp taken from measurement. Host integers only; no tensor is read.
 
@@ -12,7 +12,7 @@ as unbiased stochastic ternary codes between micro-batches instead of full preci
 import torch
 
 from .compress import dequantize, mix_seed, ternary_pack
-from .noise import micro_batches_needed
+from .policy import micro_batches_needed
 
 # Steps whose noise scale was measured before the micro-batches are decided from it: one step's
 # estimate is unbiased but noisy, and a scale read low would drop micro-batches the step needs.

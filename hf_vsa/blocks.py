@@ -8,7 +8,7 @@ no activation of it is kept for backward, and the blocks below still get theirs.
 
 How often a block is skipped follows what its gradient is: Consistency measures, per block, the
 cosine between its gradients at consecutive backprop steps (or noise.py the mean's share, where a
-step has several micro-batches), and drop_probabilities skips only the blocks whose gradient carries
+step has several micro-batches), and policy.drop_probabilities skips only the blocks whose gradient carries
 less signal per unit of backward cost than the step's, more often the noisier they are.
 """
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from .compress import mix_seed
 from .flat import Windows, host_list
+from .policy import drop_probabilities
 
 
 def find_blocks(model) -> list:
@@ -84,33 +85,6 @@ class BlockSkip:
 # Elements of each tensor the consistency measure reads: a cosine over a block's ~10 sampled tensors
 # (~10^4 elements) of two unrelated gradients has a standard deviation of ~0.01.
 SAMPLE = 1024
-
-
-# Per parameter and token a forward costs about 2 FLOPs and a backward about 4 (Kaplan et al. 2020,
-# "Scaling Laws for Neural Language Models", C = 6N): skipping a block's backward saves 2/3 of what
-# the block costs a step, and a step's cost is shared by its tensors in proportion to their size.
-BACKWARD_SHARE = 2.0 / 3.0
-
-
-def drop_probabilities(kappa, base: float, sizes):
-    """Per droppable block, the probability its backward is skipped on a partial PREDICT step.
-
-    `kappa`: per group the measured mean share of its gradient (noise.py; or the lag-1 gradient
-    cosine, whose expectation it is), the droppable blocks first, then the group of tensors every
-    partial step computes; `sizes`: their numbers of elements. a = sqrt(kappa), clamped to [0, 1], is
-    the cosine between the mean gradient and one minibatch gradient: the share of an update that is
-    signal. Under Adam each parameter moves about as far every step, so a group's progress in a step
-    is about size * a, and skipping block k's backward loses size_k * a_k of it while saving
-    BACKWARD_SHARE * size_k of the step's cost. That raises the progress per unit of cost only where
-    a_k < BACKWARD_SHARE * (the size-weighted mean of a over all groups): such a block is skipped
-    with probability base * (1 - a_k) (noisier blocks more often), any other never. Where every
-    group's gradient carries about the same signal, no block is skipped and a partial step would
-    cost more progress than time: the engine then runs the step's full backward instead."""
-    a = kappa.double().clamp(0.0, 1.0).sqrt()
-    sizes = torch.as_tensor(sizes, dtype=a.dtype, device=a.device)
-    mean = (a * sizes).sum() / sizes.sum().clamp_min(1.0)
-    blocks = a[:-1]
-    return torch.where(blocks < BACKWARD_SHARE * mean, base * (1.0 - blocks), torch.zeros_like(blocks))
 
 
 class Consistency:

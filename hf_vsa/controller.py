@@ -18,38 +18,6 @@ class Phase(IntEnum):
         return self is not Phase.PREDICT
 
 
-WORTH_WINDOW = 8  # the whole-step test reads the admitted predictions' worth at the last 8 CORRECT steps
-
-
-def lower_bound(values):
-    """Mean less two standard errors of `values` (host floats): a one-sided ~97.5% lower confidence
-    bound on their expectation; NaN with fewer than two (no spread measured)."""
-    n = len(values)
-    if n < 2:
-        return math.nan
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean - 2.0 * math.sqrt(var / n)
-
-
-def whole_step_pays(worth, kappa: float, predict_share: float, tolerance: float) -> bool:
-    """Whether PREDICT steps may skip everything (forward, every backward, the all-reduce), from what
-    was measured. `worth`: at recent CORRECT steps, energy * cosine of the predictions the gate admits
-    (they carry `energy` of the gradient's energy, the others get no update, and `cosine` is their
-    cosine with the actual minibatch gradient). Their alignment with the mean gradient is then
-    cosine / sqrt(kappa), against sqrt(kappa) for a backward (noise.py), so a whole-step PREDICT step is
-    worth v = worth / kappa of a backprop step. A single CORRECT step measures worth with much noise
-    (at small batch its sign flips from one to the next), so the test takes a lower confidence bound
-    of it over the recent ones (lower_bound), not the last. With a share p of the steps predicted,
-    the optimizer needs 1 / (1 - p (1 - v)) times the steps to a given loss: allowed while that is at
-    most 1 + tolerance, i.e. v >= 1 - tolerance / ((1 + tolerance) p). kappa = 0 (no mean measured:
-    the estimates are clamped there), no predicted steps, or fewer than two measurements say no."""
-    bound = lower_bound([w for w in worth if w == w])
-    if not (kappa > 0 and predict_share > 0 and bound == bound):
-        return False
-    return bound / kappa >= 1 - tolerance / ((1 + tolerance) * predict_share)
-
-
 class PhaseController:
     """Adaptive bounds: FULL in [full_steps, 4*full_steps], PREDICT in [1, predict_steps].
 

@@ -13,7 +13,8 @@ import math
 import torch
 
 from .blocks import BlockDrop
-from .controller import Phase, PhaseController, whole_step_pays
+from .controller import Phase, PhaseController
+from .policy import whole_step_pays
 from .flat import Deferred
 from .accumulation import MIN_MEASURED, AdaptiveAccumulation, TernaryAccumulator
 from .noise import NoiseScale
@@ -224,7 +225,7 @@ class VSAEngine:
 
     def decide_whole(self):
         """Whole-step PREDICT for the steps that follow, or the partial backward: from measurements
-        only (controller.whole_step_pays): the admitted predictions are worth enough of a backward, by a
+        only (policy.whole_step_pays): the admitted predictions are worth enough of a backward, by a
         lower confidence bound over the recent CORRECT steps, that the predicted steps cost at most
         vsa_tolerance more optimizer steps.
         Host sync (the noise estimate): at the start of a PREDICT block and at CORRECT steps."""

@@ -19,8 +19,6 @@ backward. With one gradient per step (n = 1) there is no second batch size; then
 from the lag-1 cosine of consecutive backprop steps' gradients, whose expectation is kappa while G
 changes slowly between them.
 """
-import math
-
 import torch
 
 
@@ -51,17 +49,6 @@ def mean_share(g2, trace, batch):
     if g2 <= 0:
         return 0.0
     return min(1.0, g2 / (g2 + max(trace, 0.0) / batch))
-
-
-def micro_batches_needed(noise, full, fewest, tolerance):
-    """Adaptive accumulation: the fewest micro-batches m in [fewest, full] whose expected optimizer
-    steps to a given loss exceed those of all `full` by at most `tolerance` (a fraction), by the
-    steps-vs-batch law S(B) = S_min (1 + B_noise / B) (McCandlish et al. 2018, eq. 2.11); `noise`:
-    B_noise in micro-batches (over all ranks). NaN (not measured) or inf: all of them."""
-    if not noise == noise or noise == float("inf"):
-        return full
-    allowed = (1 + tolerance) * (1 + noise / full) - 1  # largest B_noise / B with at most that many more steps
-    return max(fewest, min(full, math.ceil(noise / allowed - 1e-9))) if noise > 0 else fewest
 
 
 class NoiseScale:

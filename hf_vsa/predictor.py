@@ -29,22 +29,12 @@ import logging
 import torch
 
 from .autoregress import ar_fit, ar_weights
+from .fits import ring_weights, wls_coefficients
 from .compress import CompressedHistory, blocks_of, dequantize, int4_pack, packed_bytes
 
 logger = logging.getLogger(__name__)
 KINDS = ("wls", "momentum", "ar")
 _RESCALE_AT = 1e4  # move the origin before record weights exceed this (or 1000 steps pass)
-
-
-def wls_coefficients(sw: float, st: float, stt: float, u: float):
-    """(a0, a1) with prediction = a0*G0 + a1*G1 at time u. Degenerate fits (records at a single
-    time) fall back to the weighted mean; no records at all predict zero."""
-    if sw <= 0:
-        return 0.0, 0.0
-    det = sw * stt - st * st
-    if det <= 1e-9 * sw * stt or det <= 0:
-        return 1.0 / sw, 0.0
-    return (stt - st * u) / det, (sw * u - st) / det
 
 
 def all_finite(tensors) -> torch.Tensor:
@@ -232,7 +222,8 @@ class GradientPredictor:
         if self.kind == "ar":
             return self.history.weighted_sum(self.ar_weights(t, index), index, into=into)
         if self.history is not None:
-            return self.history.weighted_sum(self.ring_weights(t), index, into=into)
+            return self.history.weighted_sum(ring_weights(self.history.filled(), t, self.kind, self.decay, self.momentum),
+                                              index, into=into)
         if self.kind == "momentum":
             return torch._foreach_mul(pick(self.g0), 1.0 / self.sw if self.sw > 0 else 0.0)
         a0, a1 = wls_coefficients(self.sw, self.st, self.stt, float(t - self.origin))
@@ -267,25 +258,6 @@ class GradientPredictor:
         picked = coeffs[[rows[i] for i in index]]
         w = ar_weights(picked, times, t).float()  # [len(index), n]
         return {k: w[:, j] for j, k in enumerate(slots)}
-
-    def ring_weights(self, t: int) -> dict:
-        """Compressed ring: {slot: weight} so that the prediction at t is sum_k weight_k * record_k
-        (the same fit as the running sums, over the records still in the ring)."""
-        filled = sorted(self.history.filled(), key=lambda kt: kt[1])
-        if not filled:
-            return {}
-        if self.kind == "momentum":  # EMA over the records, normalised (bias correction)
-            n = len(filled)
-            w = {k: (1 - self.momentum) * self.momentum ** (n - 1 - j) for j, (k, _) in enumerate(filled)}
-            total = sum(w.values())
-            return {k: v / total for k, v in w.items()}
-        newest = filled[-1][1]
-        c = {k: self.decay ** (newest - tk) for k, tk in filled}
-        u = {k: float(tk - newest) for k, tk in filled}
-        sw, st = sum(c.values()), sum(c[k] * u[k] for k in c)
-        stt = sum(c[k] * u[k] ** 2 for k in c)
-        a0, a1 = wls_coefficients(sw, st, stt, float(t - newest))
-        return {k: c[k] * (a0 + a1 * u[k]) for k in c}
 
     def _residual_weight(self, t):
         if self.residual_t < 0 or not (self.residual or self.rcodes):

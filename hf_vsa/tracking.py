@@ -18,7 +18,7 @@ import math
 import torch
 
 from .compress import blocks_of
-from .controller import WORTH_WINDOW, lower_bound
+from .policy import WORTH_WINDOW, lower_bound
 from .predictor import GradientPredictor
 from .probe import probe_windows
 from .flat import Windows
@@ -147,7 +147,7 @@ class Tracker:
 
     def earned(self) -> bool:
         """The prediction is measurably better than the zero gradient on the probe's sample: a lower
-        confidence bound (controller.lower_bound) of 1 - |g - p|^2 / |g|^2 over the recent CORRECT
+        confidence bound (policy.lower_bound) of 1 - |g - p|^2 / |g|^2 over the recent CORRECT
         steps is above 0. (E|g - p|^2 = |G - p|^2 + noise and E|g|^2 = |G|^2 + noise, with G the mean
         gradient: above 0 means p is closer to G than 0 is, the optimizer's coasting on its momentum.)"""
         bound = lower_bound(self.earn)

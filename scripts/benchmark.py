@@ -54,6 +54,10 @@ CONFIGS = {
     # DropBP as its authors publish it (scripts/anchors.py): the plain Trainer dropping each block's attention
     # and MLP backward at random on every step, rates from measured sensitivities under a FLOPs budget (0.5).
     "dropbp_published": "dropbp",
+    # What a user could turn on instead (the LLM issue): torch.compile for the plain Trainer, and for hf_vsa's default.
+    # Compilation happens in the first steps and counts in the run's wall time, as it does for a user.
+    "trainer_compile": "compile",
+    "compile": {"torch_compile": True},
     # The plain Trainer again, after the other runs: the A/A control. Its ratios against the first run are
     # this machine's timing noise (same work, same trajectory), the yardstick for the others' small gaps.
     "trainer_again": None,
@@ -223,6 +227,9 @@ def make_trainer(name, overrides, a, callbacks):
         from anchors import DropBPTrainer
         return DropBPTrainer(model=model, args=VSATrainingArguments(**common, vsa_enabled=False), train_dataset=train,
                              eval_dataset=evl, callbacks=list(callbacks))
+    if overrides == "compile":
+        common.update(torch_compile=True)
+        overrides = None
     if overrides is None:
         args = VSATrainingArguments(**common, vsa_enabled=False)
         cls = Trainer
@@ -530,8 +537,17 @@ def command_line(argv, out):
 
 
 def versions():
+    """The packages' versions, and hf_vsa's commit where it runs from a git checkout (None elsewhere)."""
+    import subprocess
     from importlib.metadata import version
-    return {k: version(k) for k in ("hf_vsa", "torch", "transformers", "accelerate")}
+    out = {k: version(k) for k in ("hf_vsa", "torch", "transformers", "accelerate")}
+    import hf_vsa
+    try:
+        out["hf_vsa_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                              cwd=os.path.dirname(hf_vsa.__file__), timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["hf_vsa_commit"] = None
+    return out
 
 
 def main(argv=None):

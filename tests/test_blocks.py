@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import make_model
-from hf_vsa.blocks import BlockSkip, Consistency, drop_probabilities, find_blocks
+from hf_vsa.blocks import BlockSkip, Consistency, find_blocks
+from hf_vsa.policy import drop_probabilities
 
 
 def batch():

@@ -103,7 +103,7 @@ def test_records_before_read_counts_the_backprop_steps_left_before_a_predict_blo
 
 
 def test_whole_step_pays_only_where_measured_worth_enough_of_a_backward():
-    from hf_vsa.controller import lower_bound, whole_step_pays
+    from hf_vsa.policy import lower_bound, whole_step_pays
     nan, p, tol = float("nan"), 0.68, 0.05  # the default schedule predicts 17 of 25 steps
     need = 1 - tol / ((1 + tol) * p)  # the worth of a predicted step that costs tol more steps
     steady = [0.9 * 0.45] * 3  # sentiment at batch 256: AR above the mean's share, at 3 CORRECT steps alike

@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from hf_vsa.noise import NoiseScale, mean_share, micro_batches_needed, noise_terms
+from hf_vsa.noise import NoiseScale, mean_share, noise_terms
+from hf_vsa.policy import micro_batches_needed
 
 
 def test_noise_terms_are_unbiased_on_synthetic_gradients_with_known_mean_and_covariance():

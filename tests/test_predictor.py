@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hf_vsa import GradientPredictor
-from hf_vsa.predictor import wls_coefficients
+from hf_vsa.fits import wls_coefficients
 
 
 def make(shapes=((3, 4), (5,)), **kw):

@@ -8,7 +8,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from conftest import BackwardCounter, make_dataset, make_model
 from hf_vsa import Phase, PhaseController, VSATrainer, VSATrainingArguments
-from hf_vsa.blocks import drop_probabilities
+from hf_vsa.policy import drop_probabilities
 
 # (DropBP at its configured rate: the tiny model's blocks carry alike signal, so the measured rate
 # would back PREDICT steps off to backprop; tests of that pass vsa_adaptive_block_drop=True)
@@ -742,7 +742,7 @@ def test_one_gradient_per_step_never_runs_whole_step_predict(tmp_path):
     # The same strongly predictable run as above, but one micro-batch per step: kappa is then only the
     # lag-1 cosine, biased low by the mean's drift, and whole-step PREDICT is not decided from it,
     # however well the predictions measure.
-    from hf_vsa.controller import whole_step_pays
+    from hf_vsa.policy import whole_step_pays
     data = make_dataset(2048).map(lambda row: {"labels": 1})
     sched = {**SCHEDULE, "vsa_correct_every": 2}
     t = VSATrainer(model=make_model(), args=args(tmp_path, max_steps=40, vsa_tolerance=0.2, **sched),
