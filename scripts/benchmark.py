@@ -20,6 +20,11 @@ import sys
 import threading
 import time
 
+# torch.compile (the compile configs) compiles in this process, in the run's own steps: with a pool of compile
+# workers its kernels build in the background, during the other runs' turns in lockstep, and are charged to them
+# (measured: the plain Trainer's first step took 80 s beside two compiled runs).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
 import numpy as np
 
 import torch
