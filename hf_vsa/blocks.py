@@ -211,9 +211,8 @@ class BlockDrop:
 
     @property
     def skips_none(self) -> bool:
-        """The probabilities (measured, or vsa_block_drop=0) skip no block: a partial step would save no
-        backward."""
-        return bool(self.blocks) and max(self.drop) == 0
+        """The measured probabilities skip no block: a partial step would save no backward."""
+        return bool(self.blocks) and self.adaptive and max(self.drop) == 0
 
     def draw(self, step) -> set:
         """The tensors of the blocks skipped at optimizer step `step` (block k with probability drop[k],

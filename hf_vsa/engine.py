@@ -289,16 +289,17 @@ class VSAEngine:
     @property
     def backed_off(self) -> bool:
         """This PREDICT stretch runs backprop steps: not whole-step, and either a partial backward is
-        configured (vsa_exact_fraction > 0) with vsa_block_drop 0 (the default: it skips no block), or the drop probabilities (measured: vsa_adaptive_block_drop) skip
-        no block, so a partial step would cost the predicted tensors' updates and save no backward, or
-        the model has no block DropBP can skip (a CNN, a mixed layer list) and no prediction is admitted,
-        so a partial step would freeze every tensor below the exact ones and give them nothing
-        (vsa_block_drop=1 asks for that: not then)."""
+        configured (vsa_exact_fraction > 0) with vsa_block_drop 0 (the default: it skips no block), or
+        the drop probabilities (measured: vsa_adaptive_block_drop) skip no block, so a partial step would
+        cost the predicted tensors' updates and save no backward, or the model has no block DropBP can
+        skip (a CNN, a mixed layer list) and no prediction is admitted, so a partial step would freeze
+        every tensor below the exact ones and give them nothing (vsa_block_drop=1 asks for that: not then)."""
         if self.whole:
             return False
         base = self.dropbp.base
         no_blocks = not self.dropbp.blocks and base < 1.0
-        return (bool(self.exact) and base == 0) or self.dropbp.skips_none or (no_blocks and not any(self.tracker.predict_mask))
+        return ((bool(self.exact) and base == 0) or self.dropbp.skips_none
+                or (no_blocks and not any(self.tracker.predict_mask)))
 
     @property
     def partial(self) -> bool:
