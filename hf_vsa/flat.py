@@ -11,6 +11,7 @@
   only host reads on those steps (hf_vsa's sync points are listed in docs/method.md).
 - `host_list`: the values of a tensor made on the host (a CPU generator's draw): no device sync.
 """
+import bisect
 import math
 
 import torch
@@ -75,22 +76,35 @@ class Windows:
             self.scale = torch.repeat_interleave(torch.tensor(weights, dtype=torch.float32),
                                                  torch.tensor(self.padded)).to(dev)
         self._zero = torch.zeros(max(self.padded, default=0), device=dev)  # stands in for None, and pads
-
-    def gather(self, tensors):
-        """Flat fp32 sample of `tensors` (one per parameter; None reads as zeros), scaled: a cat of views."""
-        parts = []
-        for t, slices, k, padded in zip(tensors, self.slices, self.lengths, self.padded):
-            if t is None:
-                parts.append(self._zero[:padded])
-                continue
-            flat = t.reshape(-1)
-            parts.extend(flat[s:s + n] for s, n in slices)
+        # The layout as pieces (flat offset, tensor or None for the aligning zeros, start in the tensor,
+        # elements), in order: gather() of a range picks the pieces it overlaps (host arithmetic).
+        self.pieces, at = [], 0
+        for i, (slices, k, padded) in enumerate(zip(self.slices, self.lengths, self.padded)):
+            for s, n in slices:
+                self.pieces.append((at, i, s, n))
+                at += n
             if padded > k:
-                parts.append(self._zero[:padded - k])
+                self.pieces.append((at, None, 0, padded - k))
+                at += padded - k
+        self._starts = [piece[0] for piece in self.pieces]
+
+    def gather(self, tensors, start=0, length=None):
+        """Flat fp32 sample of `tensors` (one per parameter; None reads as zeros), scaled: a cat of views.
+        `start`, `length`: only those elements of it (a chunk), so that a caller working chunk by chunk
+        holds one chunk's copy at a time, not the whole sample's."""
+        end = self.numel if length is None else min(self.numel, start + length)
+        parts = []
+        for at, i, s, n in self.pieces[max(0, bisect.bisect_right(self._starts, start) - 1):]:
+            if at >= end:
+                break
+            lo, hi = max(start, at), min(end, at + n)
+            if hi > lo:
+                t = None if i is None else tensors[i]
+                parts.append(self._zero[:hi - lo] if t is None else t.reshape(-1)[s + lo - at:s + hi - at])
         out = torch.cat(parts) if parts else self._zero[:0].clone()
         if out.dtype != torch.float32:
             out = out.float()
-        return out if self.scale is None else out.mul_(self.scale)
+        return out if self.scale is None else out.mul_(self.scale[start:end])
 
     def grads(self):
         return self.gather([p.grad for p in self.params])

@@ -166,12 +166,11 @@ class GradientPredictor:
         are recorded). A non-finite one (an fp16 overflow) is recorded as zeros and counted in
         `skipped`, decided on the device: no host sync. `finite`: the caller's 0-dim check of the
         active gradients, when it already has one (saves a pass over them)."""
-        picked = self._pick(grads)
-        if not picked:  # every tensor dropped or retired: nothing left to record
+        if not self.active:  # every tensor dropped or retired: nothing left to record
             self.last_t = t
             return True
         if finite is None:
-            finite = all_finite(picked)
+            finite = all_finite(self._pick(grads))
         self.skipped += (~finite).long()
         self.allocate()
         # (a non-finite record's zeros are made one tensor at a time: one copy alive, not one per tensor)
@@ -289,24 +288,25 @@ class GradientPredictor:
                 x.add_(self._residual(i), alpha=w)
         return out
 
-    def correct(self, grads, t: int):
+    def correct(self, grads, t: int, finite=None, visit=None):
         """At a CORRECT step: compare the prediction for t with the actual gradient, learn the
         residual (actual - fit), then record. Returns device tensors: (cosine, relative residual,
         per-tensor cosine, per-tensor trust, per-tensor [<g, p>, |g|^2, |p|^2] as a [3, tensors]
-        tensor, the prediction compared: one per active tensor), NaN where the gradient was not finite
-        (or the tensor is not tracked). A tensor's
+        tensor), NaN where the gradient was not finite (or the tensor is not tracked). A tensor's
         trust is the least-squares scale of its prediction p against the actual gradient g,
-        <g, p> / |p|^2 (the multiple of p closest to g), clipped to [0, 1]."""
-        full_grads = grads
-        grads = self._pick(grads)
-        actual = [g.to(torch.promote_types(p.dtype, torch.float32)) for g, p in zip(grads, self._pick(self.params))]
-        pred = self.predict_base(t, self.active)
+        <g, p> / |p|^2 (the multiple of p closest to g), clipped to [0, 1]. `grads` is read one
+        tensor at a time, in order, twice (compared, then recorded): a sequence that makes each on
+        demand (a flat history's chunks, tracking.Gathered) keeps one alive at a time. `finite`: as
+        in record. `visit(i, actual, prediction)`: called for each active tensor once compared."""
+        if finite is None:
+            finite = all_finite(self._pick(grads))
         w = self._residual_weight(t)
-        finite = all_finite(actual)
         learn = self.residual_decay > 0
         a2, p2, d2 = [], [], []
         # One tensor at a time (a flat history's chunks): its temporaries are freed before the next's.
-        for i, a, p in zip(self.active, actual, pred):
+        for i in self.active:
+            a = grads[i].to(torch.promote_types(self.params[i].dtype, torch.float32))
+            p = self.predict_base(t, [i])[0]
             fresh = a - p if learn else None  # actual - fit
             if w:
                 p.add_(self._residual(i), alpha=w)
@@ -317,6 +317,9 @@ class GradientPredictor:
             if fresh is not None:  # (the residual is read above, for this tensor only: learnt now; a
                 # non-finite step learns a zero residual, decided on the device)
                 self._learn_residual(i, torch.where(finite, fresh, 0.0))
+            if visit is not None:
+                visit(i, a, p)
+            del a, p, fresh
         if learn:
             self.residual_t = t
         a2, p2, d2 = (torch.stack(x).double() ** 2 for x in (a2, p2, d2))
@@ -326,9 +329,9 @@ class GradientPredictor:
         cosine = (dots.sum() / (a2.sum().sqrt() * p2.sum().sqrt()).clamp_min(1e-30)).clamp(-1.0, 1.0)
         rel_residual = d2.sum().sqrt() / a2.sum().sqrt().clamp_min(1e-30)
         parts = torch.stack([self._spread(x) for x in (dots, a2, p2)])
-        self.record(full_grads, t, finite=finite)
+        self.record(grads, t, finite=finite)
         # NaN where the gradient was not finite (an fp16 overflow measures nothing)
-        return cosine, rel_residual, per_tensor, trust, parts, pred
+        return cosine, rel_residual, per_tensor, trust, parts
 
     def _spread(self, values):
         """Per-active-tensor values -> one per tensor, NaN for the inactive ones."""

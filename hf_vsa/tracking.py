@@ -3,7 +3,8 @@
 The predictor always runs on ONE flat tensor (flat.Windows, aligned to the compression block, so each
 block belongs to one parameter): first the probe's sample of every tensor (probe.py), then, once the
 prediction has earned it, the whole of the tensors promoted within vsa_state_budget. It is handed to
-the predictor in chunks of CHUNK elements, worked through one at a time (temporaries: a chunk's).
+the predictor in chunks of CHUNK elements, each gathered from the gradients when it is read (Gathered)
+and worked through one at a time (temporaries: a chunk's; the gradient is never copied whole).
 Recording, predicting and comparing are thus a few ops per chunk whatever the number of tensors;
 per-tensor figures (the gate's cosines, trust factors, the probe's gains) are segment sums over the
 flat tensor, and the AR fit is one per parameter (its blocks' inner products summed per owner). A
@@ -19,7 +20,7 @@ import torch
 
 from .compress import blocks_of
 from .policy import WORTH_WINDOW, lower_bound
-from .predictor import GradientPredictor
+from .predictor import GradientPredictor, all_finite
 from .probe import probe_windows
 from .flat import Windows
 
@@ -100,16 +101,11 @@ class Tracker:
     def _chunks(self, flat):
         return list(flat.split(self._sizes()))  # (views)
 
-    def _per_tensor(self, fn, *flats):
-        """Per tensor, the sum of fn(chunks...) over its elements, chunk by chunk (float64 [tensors])."""
-        seg, out, start = self.windows.segment, None, 0
-        for parts in zip(*(self._chunks(f) if isinstance(f, torch.Tensor) else f for f in flats)):
-            k = parts[0].numel()
-            x = torch.zeros(self.windows.n_groups, dtype=torch.float64, device=seg.device).index_add_(
-                0, seg[start:start + k], fn(*parts).double())
-            out = x if out is None else out + x
-            start += k
-        return out
+    def _segment_sum(self, chunk, start):
+        """Per tensor, the float64 sum of a chunk's elements (the chunk starting at `start` of the flat tensor)."""
+        seg = self.windows.segment[start:start + chunk.numel()]
+        return torch.zeros(self.windows.n_groups, dtype=torch.float64, device=seg.device).index_add_(
+            0, seg, chunk.double())
 
     def _predictor_settings(self):
         a = self.args
@@ -181,36 +177,39 @@ class Tracker:
     # ---- per backprop step ---------------------------------------------------------------------
     def observe(self, grads, step, correct, inv_scale=None):
         """The step's gradients (`grads`: .grad of every parameter, None where there is none): recorded,
-        or at a CORRECT step compared with the prediction first. Returns the relative residual of the
-        prediction at a CORRECT step (a host float: the one sync), else None."""
+        or at a CORRECT step compared with the prediction first. They reach the predictor chunk by
+        chunk, each gathered when it is read (Gathered): one chunk's copy alive at a time. Returns the
+        relative residual of the prediction at a CORRECT step (a host float: the one sync), else None."""
         if not self.active:
             return None
-        g = self.windows.gather(grads)
-        if inv_scale is not None:
-            g.mul_(inv_scale)
+        g = Gathered(self, grads, inv_scale)
         if not self.probing and self.predictor.last_t < 0 and self.args.vsa_skip_sparse:
             g = self._drop_sparse(g, grads, inv_scale, step)
             if not self.tracked:
                 return None
+        # finite: decided on the gradients themselves (the gathered chunks are theirs, times finite
+        # scales), one foreach norm over the sampled tensors
+        sampled = [t for t, k in zip(grads, self.windows.lengths) if k and t is not None]
+        finite = all_finite(sampled) if sampled else torch.ones((), dtype=torch.bool, device=self.skipped.device)
         first = self.predictor.last_t < 0
         if correct:
-            rel = self._correct(g, step)
+            rel = self._correct(g, step, finite)
         else:
-            self._record(g, step)
+            self.predictor.record(g, step, finite=finite)
             rel = None
         if first:  # the buffers were just allocated: the peak (host arithmetic, no sync)
             self.peak_state_ratio = max(self.peak_state_ratio, self.state_memory_ratio())
         return rel
 
-    def _record(self, g, step):
-        self.predictor.record(self._chunks(g), step)
-
     def _drop_sparse(self, g, grads, inv_scale, step):
         """Before a full history's first record (once per run, where the prediction earned it): tensors
         whose gradient is mostly exact zeros (embedding rows of tokens absent from the batch) are never
         predicted nor recorded; they change on backprop steps only. Their prediction would move rows the
-        batch never touched. Returns the gradients gathered for the tensors still tracked."""
-        zeros = self._per_tensor(lambda x: (x == 0).float(), g)
+        batch never touched. Returns the gradients to gather for the tensors still tracked."""
+        zeros = None
+        for x, start in g.each():
+            z = self._segment_sum((x == 0).float(), start)
+            zeros = z if zeros is None else zeros + z
         zeros = zeros.tolist()  # host sync: once per run, at the full history's first record
         pads = [k - n for k, n in zip(self.windows.padded, self.windows.lengths)]  # (the aligning zeros)
         sparse = [i for i in self.tracked if zeros[i] - pads[i] >= 0.5 * self.params[i].numel()]
@@ -218,24 +217,31 @@ class Tracker:
             return g
         self.sparse = sorted(sparse)
         self.untrack(sparse, "not tracked: mostly zero gradients (vsa_skip_sparse)", step)
-        g = self.windows.gather(grads)
-        return g if inv_scale is None else g.mul_(inv_scale)
+        return Gathered(self, grads, inv_scale)
 
-    def _correct(self, g, step):
+    def _correct(self, g, step, finite):
         """A CORRECT step: the prediction against the actual gradient, on the flat tensor, for the model
-        and per tensor (segment sums over its blocks): while probing, its gain over the zero gradient
-        (earned(), promote()); with full histories, the gate's cosines and trust factors."""
-        cosine, rel, *_, pred = self.predictor.correct(self._chunks(g), step)
+        and per tensor (segment sums over its blocks, chunk by chunk): while probing, its gain over the
+        zero gradient (earned(), promote()); with full histories, the gate's cosines and trust factors."""
+        sums = [None, None, None]  # per tensor (float64 [tensors]): <g, p>, |p|^2, |g|^2
+        starts = g.starts
+
+        def visit(c, a, p):  # chunk c compared: its part of the per-tensor sums (temporaries: a chunk's)
+            for j, fn in enumerate((torch.mul, lambda _, p: p * p, lambda a, _: a * a)):
+                x = self._segment_sum(fn(a, p), starts[c])
+                sums[j] = x if sums[j] is None else sums[j] + x
+
+        cosine, rel, *_ = self.predictor.correct(g, step, finite=finite, visit=visit)
         self.cosine = cosine
         self.cosine_sum += torch.nan_to_num(cosine)
         self.corrections += 1
         ws = self.windows
-        dot, p2, g2 = (self._per_tensor(fn, g, pred) for fn in (torch.mul, lambda _, p: p * p, lambda g, _: g * g))
-        finite = lambda x, old: torch.where(x.isfinite(), old + w * (x - old), old)  # noqa: E731
+        dot, p2, g2 = sums
+        running = lambda x, old: torch.where(x.isfinite(), old + w * (x - old), old)  # noqa: E731
         # (a non-finite gradient, an fp16 overflow, measures nothing: the running means stay)
         if self.probing:
             w = 1.0 / min(self.corrections, _RUNNING)
-            self.tensor_gain = finite((2 * dot - p2) / g2.clamp_min(1e-30), self.tensor_gain)
+            self.tensor_gain = running((2 * dot - p2) / g2.clamp_min(1e-30), self.tensor_gain)
             rel, *self.gain_host = torch.cat([rel.reshape(1).double(), self.tensor_gain]).tolist()  # host sync: once per CORRECT step
             if rel == rel:
                 self.earn = (self.earn + [1.0 - rel * rel])[-WORTH_WINDOW:]
@@ -246,8 +252,8 @@ class Tracker:
         nan = torch.full_like(dot, math.nan)
         cos = torch.where(tracked, (dot / (g2.sqrt() * p2.sqrt()).clamp_min(1e-30)).clamp(-1.0, 1.0), nan)
         trust = torch.where(tracked, (dot / p2.clamp_min(1e-30)).clamp(0.0, 1.0), nan)
-        self.tensor_cosine = finite(cos, self.tensor_cosine)
-        self.tensor_trust = finite(trust, self.tensor_trust)
+        self.tensor_cosine = running(cos, self.tensor_cosine)
+        self.tensor_trust = running(trust, self.tensor_trust)
         n = len(self.params)
         values = torch.cat([rel.reshape(1).double(), self.tensor_cosine, self.tensor_trust,
                             torch.where(tracked, dot, nan), torch.where(tracked, g2, nan),
@@ -397,3 +403,26 @@ class Tracker:
         self.peak_state_ratio = float(state["peak_state_ratio"])
         self.gain_host = self.tensor_gain.tolist() if self.corrections else None  # host sync: once, at load
         self.refresh_mask()
+
+
+class Gathered:
+    """The flat tensor of a step's gradients as the predictor reads it, chunk by chunk: chunk c is gathered
+    from the gradients when it is read (Windows.gather of its range, times inv_scale), so that a pass over
+    the chunks holds one chunk's copy at a time, not the whole flat tensor's (4 bytes per tracked element)."""
+
+    def __init__(self, tracker, grads, inv_scale=None):
+        self.windows, self.grads, self.inv_scale = tracker.windows, grads, inv_scale
+        self.sizes = tracker._sizes()
+        self.starts = [sum(self.sizes[:c]) for c in range(len(self.sizes))]
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def __getitem__(self, c):
+        x = self.windows.gather(self.grads, self.starts[c], self.sizes[c])
+        return x if self.inv_scale is None else x.mul_(self.inv_scale)
+
+    def each(self):
+        """(chunk, its start in the flat tensor), one gathered at a time."""
+        for c, start in enumerate(self.starts):
+            yield self[c], start

@@ -1,11 +1,14 @@
 """What hf_vsa adds to a training step, counted (ops and host syncs), on real Trainer runs of a GPT-2
 built from a config: it does not grow with the number of tensors, and no ordinary step syncs the host."""
 import statistics
+from unittest.mock import patch
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from hf_vsa import VSATrainer, VSATrainingArguments
+from hf_vsa import tracking
 from hf_vsa.counting import count_training
 from hf_vsa.flat import Deferred, Windows
 from tasks import _lm_blocks
@@ -97,6 +100,20 @@ def test_a_flat_layout_aligned_to_blocks_round_trips_the_tensors_as_views():
     assert w.covered.tolist() == [True, True, True, False]
 
 
+def test_a_range_of_the_flat_sample_is_gathered_alone_and_the_ranges_make_the_whole():
+    """Chunks cut anywhere (through windows, pads and tensors with no gradient) gather what the whole
+    gather holds there, scale included."""
+    params = [torch.randn(40, 50), torch.randn(7), torch.randn(3, 300), torch.randn(5)]
+    for w in (Windows(params, 0, seed=0, tag=4, scaled=False, fraction=1.0, select=[0, 1, 2], align=64),
+              Windows(params, per_tensor=100, seed=0, tag=1, align=64)):
+        for grads in (params, [params[0], None, params[2], params[3]]):
+            whole = w.gather(grads)
+            for size in (1, 63, 64, 500, w.numel):
+                parts = [w.gather(grads, s, size) for s in range(0, w.numel, size)]
+                assert all(p.numel() == min(size, w.numel - s) for p, s in zip(parts, range(0, w.numel, size)))
+                assert torch.equal(torch.cat(parts), whole)
+
+
 def test_deferred_values_are_read_one_post_late_and_survive_a_state_round_trip():
     d = Deferred()
     assert d.read() is None
@@ -109,3 +126,49 @@ def test_deferred_values_are_read_one_post_late_and_survive_a_state_round_trip()
     assert again.read() == [1.0, 2.0]
     d.post(torch.tensor([5.0, 6.0]))
     assert d.read() == [3.0, 4.0]
+
+
+class _Largest(TorchDispatchMode):
+    """The most elements of any tensor an op makes while `armed` (views excluded), since the last reset."""
+
+    def __init__(self):
+        super().__init__()
+        self.armed, self.largest = False, (0, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.armed and not func.is_view:
+            for t in out if isinstance(out, (list, tuple)) else [out]:
+                if isinstance(t, torch.Tensor) and t.numel() > self.largest[0]:
+                    self.largest = (t.numel(), func._schema.name)
+        return out
+
+
+def test_full_histories_hold_one_chunk_of_the_gradients_at_a_time(tmp_path):
+    """Every tensor tracked in full, handed to the predictor in chunks of four compression blocks: when the
+    tracker records or compares a step's gradients after its first record (FULL and CORRECT steps), no
+    tensor it makes is larger than a chunk's records (window x chunk), far below the tracked elements
+    (the whole gathered gradient)."""
+    block, window = 64, 4
+    chunk = 4 * block
+    full = dict(vsa_probe_fraction=0.0, vsa_min_cosine=-1.0, vsa_skip_sparse=False, vsa_exact_fraction=0.0,
+                vsa_compression_block=block, vsa_history_window=window)
+    kw = dict(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=4, learning_rate=1e-3,
+              logging_steps=1000, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+    t = VSATrainer(model=gpt2(2), args=VSATrainingArguments(**kw, **SCHEDULE, **full), train_dataset=data())
+    mode, largest, observe = _Largest(), {}, tracking.Tracker.observe
+
+    def watched(tracker, grads, step, correct, inv_scale=None):
+        mode.armed, mode.largest = tracker.predictor.last_t >= 0, (0, None)
+        try:
+            return observe(tracker, grads, step, correct, inv_scale)
+        finally:
+            if mode.armed:
+                largest[(step, "CORRECT" if correct else "FULL")] = mode.largest
+            mode.armed = False
+
+    with patch.object(tracking, "CHUNK", chunk), patch.object(tracking.Tracker, "observe", watched), mode:
+        t.train()
+    assert {phase for _, phase in largest} == {"FULL", "CORRECT"}
+    assert t.vsa.tracker.windows.numel > 30 * window * chunk
+    assert max(n for n, _ in largest.values()) <= window * chunk, largest

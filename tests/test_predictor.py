@@ -88,7 +88,7 @@ def test_correct_learns_decayed_residual_and_reports_cosine():
     pred.record([g], 0)
     pred.record([g], 1)
     actual = g + torch.randn(8)
-    cos, rel, per_tensor, trust, parts, _ = pred.correct([actual], 2)
+    cos, rel, per_tensor, trust, parts = pred.correct([actual], 2)
     ref_cos = torch.nn.functional.cosine_similarity(g, actual, dim=0)
     assert cos.item() == pytest.approx(ref_cos.item(), abs=1e-5)
     assert per_tensor[0].item() == pytest.approx(ref_cos.item(), abs=1e-5)
@@ -141,7 +141,7 @@ def test_trust_is_the_clipped_least_squares_scale_of_the_prediction(scale, expec
     grads = [torch.randn(16), torch.randn(4, 4)]
     pred.record(grads, 0)
     pred.record(grads, 1)  # the fit predicts exactly these gradients
-    _, _, _, trust, _, _ = pred.correct([g * scale for g in grads], 2)
+    _, _, _, trust, _ = pred.correct([g * scale for g in grads], 2)
     torch.testing.assert_close(trust, torch.full((2,), expected, dtype=trust.dtype))
 
 
