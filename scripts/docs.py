@@ -277,7 +277,9 @@ def cost_section() -> str:
                   f"{runs['trainer']['peak_rss'] / 2 ** 30:.2f} GiB, VSATrainer {runs['vsa']['peak_rss'] / 2 ** 30:.2f} "
                   f"GiB, {data['extra_bytes_per_parameter']:+.2f} bytes per trainable parameter. "
                   "(`python scripts/diagnostics/peak_memory.py" + "".join(f" --set {x}" for x in sets)
-                  + f" --out results/{os.path.basename(path)}`)", ""]
+                  + f" --out results/{os.path.basename(path)}`"
+                  + (f", on commit {data['hf_vsa_commit']}" if data.get("hf_vsa_commit") else "") + ")"
+                  + (f" {data['what'][0].upper()}{data['what'][1:]}." if data.get("what") else ""), ""]
     return "\n".join(lines)
 
 
