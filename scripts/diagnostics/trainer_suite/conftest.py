@@ -10,7 +10,7 @@ Use: copy this file to the root of a transformers source tree (next to its tests
 
 and compare: no test that passes with the plain Trainer may fail with VSATrainer (the drop-in issue).
 The transformers tests are not shipped in its wheel or sdist; results/upstream_trainer_tests.json records
-a run on the files named there."""
+a run on the files named there, made with compare.py (its docstring has the commands)."""
 import dataclasses
 import json
 import os
@@ -51,3 +51,6 @@ def pytest_terminal_summary(terminalreporter):
         line = dict(train_runs=len(RUNS), runs_with_predict_steps=with_predict,
                     predict_steps=sum(r.get("PREDICT", 0) for r in RUNS), steps=sum(sum(r.values()) for r in RUNS))
         terminalreporter.write_line("hf_vsa substituted: " + json.dumps(line))
+        if os.environ.get("HF_VSA_RUNS_OUT"):  # for compare.py
+            with open(os.environ["HF_VSA_RUNS_OUT"], "w") as f:
+                json.dump(line, f)
