@@ -201,7 +201,7 @@ def controls_table() -> str:
     """The prediction against the sceptic's controls (results/controls_<task>.json): eval loss against the
     Trainer at equal steps, the mean of its last 5 evaluations, and at equal wall time, per seed."""
     lines = ["| task, seed | " + " | ".join(CONTROLS) + " | hf_vsa |", "|---" * (len(CONTROLS) + 2) + "|"]
-    for task in TASKS:
+    for task in TASKS + ("smollm_lora",):
         path = os.path.join(ROOT, "results", f"controls_{task}.json")
         if not os.path.exists(path):
             lines.append(f"| {task} | " + " | ".join("not measured" for _ in CONTROLS) + " | |")
