@@ -23,6 +23,11 @@ PRESETS = {
                    vsa_exact_fraction=0.0, vsa_block_drop=1.0, vsa_min_cosine=-1.0, vsa_trust="none", vsa_skip_sparse=False,
                    vsa_retire_after=0, vsa_probe_fraction=0.0),
 }
+# The sketch's fixed schedule with the AR prediction, every PREDICT step whole (no forward, no backward, every
+# tensor predicted), nothing gated or adapted: the benchmark's predict_all. Measured to pay on SmolLM2 with LoRA
+# (the Trainer's final eval loss in 0.60-0.71x its time, 3 seeds: results/predict_smollm_lora.json) and to lose
+# on full fine-tuning and the other tasks (results/controls_*.json): an opt-in, not the default.
+PRESETS["whole_steps"] = dict(PRESETS["sketch"], vsa_predictor="ar", vsa_adaptive_accumulation=False)
 # Optimizers that update parameters inside backward: with no backward there is no update at
 # all, and a gradient written into .grad is never read.
 _BACKWARD_OPTIMIZERS = ("lomo", "adalomo")

@@ -32,13 +32,11 @@ from accelerate.state import GradientState
 from transformers import Trainer, TrainerCallback, set_seed
 
 from hf_vsa import VSATrainer, VSATrainingArguments
+from hf_vsa.config import PRESETS
 from tasks import gpt2_scratch_task, llama_scratch_task, sentiment_task, smollm_task
 
-# The seed's schedule, whole-step PREDICT on every PREDICT step, nothing gated or adapted.
-FORCED = dict(vsa_predictor="ar", vsa_warmup_steps=10, vsa_full_steps=5, vsa_predict_steps=20, vsa_correct_every=5,
-              vsa_adaptive_phases=False, vsa_predict_forward=False, vsa_exact_fraction=0.0, vsa_block_drop=1.0,
-              vsa_min_cosine=-1.0, vsa_trust="none", vsa_skip_sparse=False, vsa_retire_after=0, vsa_probe_fraction=0.0,
-              vsa_adaptive_accumulation=False)
+# The seed's schedule, whole-step PREDICT on every PREDICT step, nothing gated or adapted (the "whole_steps" preset).
+FORCED = dict(PRESETS["whole_steps"])
 # Named VSA configurations (vsa_* overrides on top of VSATrainingArguments' defaults).
 CONFIGS = {
     "trainer": None,  # the plain transformers.Trainer

@@ -812,3 +812,35 @@ def test_exact_gradients_missing_on_this_rank_are_zero_filled_for_the_all_reduce
         e.params[i].grad = None  # this rank's batch reached none of them
     grads = e.exact_grads()
     assert len(grads) == len(e.exact) and all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_the_whole_steps_preset_predicts_whole_steps_with_no_forward_and_no_backward(tmp_path):
+    """vsa_preset='whole_steps' (the benchmark's predict_all, measured to pay on SmolLM2 LoRA): the fixed
+    schedule, and on its PREDICT steps neither a forward nor a backward, while the AR prediction still moves
+    the weights."""
+    model = make_model()
+    param = next(p for p in model.parameters() if p.requires_grad)
+    counter = BackwardCounter(param)
+    forwards = []
+    model.register_forward_hook(lambda *a: forwards.append(1))
+    moved = []
+
+    class Moves(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.before = param.detach().clone()
+
+        def on_step_end(self, args, state, control, **kw):
+            moved.append(not torch.equal(self.before, param.detach()))
+
+    t = VSATrainer(model=model, args=args(tmp_path, max_steps=40, vsa_preset="whole_steps", logging_steps=1000),
+                   train_dataset=make_dataset(512, seed=0), callbacks=[counter, Moves()])
+    t.train()
+    phases = t.vsa.phases
+    schedule = expected_phases(40, vsa_warmup_steps=10, vsa_full_steps=5, vsa_predict_steps=20, vsa_correct_every=5,
+                               vsa_history_window=t.args.vsa_history_window)
+    assert phases == schedule and t.args.vsa_predictor == "ar"
+    predicted = [i for i, ph in enumerate(phases) if ph == "PREDICT"]
+    assert len(predicted) >= 10
+    assert all(counter.per_step[i] == 0 for i in predicted)  # no backward
+    assert len(forwards) == len(phases) - len(predicted)  # no forward
+    assert all(moved[i] for i in predicted)  # the prediction updated the weights
