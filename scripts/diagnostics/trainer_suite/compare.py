@@ -24,8 +24,10 @@ def outcomes(path):
     out = {}
     for case in ET.parse(path).getroot().iter("testcase"):
         module, _, cls = case.get("classname").rpartition(".")
-        module = module.replace(".", "/") + ".py" if module else cls.replace(".", "/") + ".py"
-        name = f"{module}::{cls}::{case.get('name')}" if module != cls else f"{module}::{case.get('name')}"
+        if cls.startswith("test_"):  # a test function at module level: the classname is the module's
+            module, cls = case.get("classname"), None
+        path = module.replace(".", "/") + ".py"
+        name = f"{path}::{cls}::{case.get('name')}" if cls else f"{path}::{case.get('name')}"
         status = "PASSED"
         for child in case:
             if child.tag in ("failure", "error"):
