@@ -4,6 +4,7 @@
   gathering them from all gradients is one `torch.cat`: one kernel however many tensors there are),
   with the tensor (or group) each sampled element belongs to, for per-tensor sums as one
   `index_add_` (a segment reduction) instead of one reduction per tensor.
+- `Gathered`: that sample of a step's gradients chunk by chunk, each chunk gathered when it is read.
 - `Deferred`: device values the host reads one post late. `post` starts a non-blocking copy into
   host memory (pinned on CUDA) and records an event; `read` returns the values of the post before
   the latest, whose copy finished long ago, so the host never drains the device's queue for them.
@@ -123,10 +124,33 @@ class Windows:
             out.extend(range(start, start + self.padded[i] // self.align))
         return out
 
-    def segment_sum(self, x, dtype=torch.float64):
-        """Per group, the sum of x's elements (x: [..., numel]) -> [..., groups]: one index_add_."""
+    def segment_sum(self, x, dtype=torch.float64, start=0):
+        """Per group, the sum of x's elements (x: [..., numel], or the chunk of it from `start`) -> [..., groups]:
+        one index_add_."""
         out = torch.zeros(*x.shape[:-1], self.n_groups, dtype=dtype, device=x.device)
-        return out.index_add_(x.dim() - 1, self.segment, x.to(dtype))
+        return out.index_add_(x.dim() - 1, self.segment[start:start + x.shape[-1]], x.to(dtype))
+
+
+class Gathered:
+    """The sample of a step's gradients as a sequence of chunks (`sizes`), chunk c gathered from the gradients
+    when it is read (Windows.gather of its range, times inv_scale): a pass over the chunks holds one chunk's
+    copy at a time, not the whole sample's."""
+
+    def __init__(self, windows, sizes, grads, inv_scale=None):
+        self.windows, self.sizes, self.grads, self.inv_scale = windows, sizes, grads, inv_scale
+        self.starts = [sum(sizes[:c]) for c in range(len(sizes))]
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def __getitem__(self, c):
+        x = self.windows.gather(self.grads, self.starts[c], self.sizes[c])
+        return x if self.inv_scale is None else x.mul_(self.inv_scale)
+
+    def each(self):
+        """(chunk, its start in the sample), one gathered at a time."""
+        for c, start in enumerate(self.starts):
+            yield self[c], start
 
 
 class Deferred:

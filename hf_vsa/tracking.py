@@ -22,7 +22,7 @@ from .compress import blocks_of
 from .policy import WORTH_WINDOW, lower_bound
 from .predictor import GradientPredictor, all_finite
 from .probe import probe_windows
-from .flat import Windows
+from .flat import Gathered, Windows
 
 logger = logging.getLogger(__name__)
 _RUNNING = 4  # the gate's per-tensor figures: running means over the last few CORRECT steps
@@ -101,12 +101,6 @@ class Tracker:
     def _chunks(self, flat):
         return list(flat.split(self._sizes()))  # (views)
 
-    def _segment_sum(self, chunk, start):
-        """Per tensor, the float64 sum of a chunk's elements (the chunk starting at `start` of the flat tensor)."""
-        seg = self.windows.segment[start:start + chunk.numel()]
-        return torch.zeros(self.windows.n_groups, dtype=torch.float64, device=seg.device).index_add_(
-            0, seg, chunk.double())
-
     def _predictor_settings(self):
         a = self.args
         return dict(kind=a.vsa_predictor, decay=a.vsa_history_decay, residual_decay=a.vsa_residual_decay,
@@ -182,7 +176,7 @@ class Tracker:
         relative residual of the prediction at a CORRECT step (a host float: the one sync), else None."""
         if not self.active:
             return None
-        g = Gathered(self, grads, inv_scale)
+        g = Gathered(self.windows, self._sizes(), grads, inv_scale)
         if not self.probing and self.predictor.last_t < 0 and self.args.vsa_skip_sparse:
             g = self._drop_sparse(g, grads, inv_scale, step)
             if not self.tracked:
@@ -208,7 +202,7 @@ class Tracker:
         batch never touched. Returns the gradients to gather for the tensors still tracked."""
         zeros = None
         for x, start in g.each():
-            z = self._segment_sum((x == 0).float(), start)
+            z = self.windows.segment_sum((x == 0).float(), start=start)
             zeros = z if zeros is None else zeros + z
         zeros = zeros.tolist()  # host sync: once per run, at the full history's first record
         pads = [k - n for k, n in zip(self.windows.padded, self.windows.lengths)]  # (the aligning zeros)
@@ -217,7 +211,7 @@ class Tracker:
             return g
         self.sparse = sorted(sparse)
         self.untrack(sparse, "not tracked: mostly zero gradients (vsa_skip_sparse)", step)
-        return Gathered(self, grads, inv_scale)
+        return Gathered(self.windows, self._sizes(), grads, inv_scale)
 
     def _correct(self, g, step, finite):
         """A CORRECT step: the prediction against the actual gradient, on the flat tensor, for the model
@@ -228,7 +222,7 @@ class Tracker:
 
         def visit(c, a, p):  # chunk c compared: its part of the per-tensor sums (temporaries: a chunk's)
             for j, fn in enumerate((torch.mul, lambda _, p: p * p, lambda a, _: a * a)):
-                x = self._segment_sum(fn(a, p), starts[c])
+                x = self.windows.segment_sum(fn(a, p), start=starts[c])
                 sums[j] = x if sums[j] is None else sums[j] + x
 
         cosine, rel, *_ = self.predictor.correct(g, step, finite=finite, visit=visit)
@@ -404,25 +398,3 @@ class Tracker:
         self.gain_host = self.tensor_gain.tolist() if self.corrections else None  # host sync: once, at load
         self.refresh_mask()
 
-
-class Gathered:
-    """The flat tensor of a step's gradients as the predictor reads it, chunk by chunk: chunk c is gathered
-    from the gradients when it is read (Windows.gather of its range, times inv_scale), so that a pass over
-    the chunks holds one chunk's copy at a time, not the whole flat tensor's (4 bytes per tracked element)."""
-
-    def __init__(self, tracker, grads, inv_scale=None):
-        self.windows, self.grads, self.inv_scale = tracker.windows, grads, inv_scale
-        self.sizes = tracker._sizes()
-        self.starts = [sum(self.sizes[:c]) for c in range(len(self.sizes))]
-
-    def __len__(self):
-        return len(self.sizes)
-
-    def __getitem__(self, c):
-        x = self.windows.gather(self.grads, self.starts[c], self.sizes[c])
-        return x if self.inv_scale is None else x.mul_(self.inv_scale)
-
-    def each(self):
-        """(chunk, its start in the flat tensor), one gathered at a time."""
-        for c, start in enumerate(self.starts):
-            yield self[c], start
