@@ -134,16 +134,21 @@ class Windows:
 class Gathered:
     """The sample of a step's gradients as a sequence of chunks (`sizes`), chunk c gathered from the gradients
     when it is read (Windows.gather of its range, times inv_scale): a pass over the chunks holds one chunk's
-    copy at a time, not the whole sample's."""
+    copy at a time, not the whole sample's. A sample of one chunk (the probe's) is gathered once and kept,
+    since readers pass over it more than once."""
 
     def __init__(self, windows, sizes, grads, inv_scale=None):
         self.windows, self.sizes, self.grads, self.inv_scale = windows, sizes, grads, inv_scale
         self.starts = [sum(sizes[:c]) for c in range(len(sizes))]
+        self.kept = self._gather(0) if len(sizes) == 1 else None
 
     def __len__(self):
         return len(self.sizes)
 
     def __getitem__(self, c):
+        return self.kept if self.kept is not None else self._gather(c)
+
+    def _gather(self, c):
         x = self.windows.gather(self.grads, self.starts[c], self.sizes[c])
         return x if self.inv_scale is None else x.mul_(self.inv_scale)
 

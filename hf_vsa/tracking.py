@@ -181,10 +181,13 @@ class Tracker:
             g = self._drop_sparse(g, grads, inv_scale, step)
             if not self.tracked:
                 return None
-        # finite: decided on the gradients themselves (the gathered chunks are theirs, times finite
-        # scales), one foreach norm over the sampled tensors
-        sampled = [t for t, k in zip(grads, self.windows.lengths) if k and t is not None]
-        finite = all_finite(sampled) if sampled else torch.ones((), dtype=torch.bool, device=self.skipped.device)
+        # finite: on a kept sample (one chunk, the probe's), its own elements; on a chunked history, the
+        # gradients themselves (the chunks are theirs, times finite scales): one foreach norm either way
+        if g.kept is not None:
+            finite = all_finite([g.kept])
+        else:
+            sampled = [t for t, k in zip(grads, self.windows.lengths) if k and t is not None]
+            finite = all_finite(sampled) if sampled else torch.ones((), dtype=torch.bool, device=self.skipped.device)
         first = self.predictor.last_t < 0
         if correct:
             rel = self._correct(g, step, finite)
