@@ -72,7 +72,7 @@ class DropBPTrainer(Trainer):
         self.rates = [drop_rate] * len(self.branches)
         self.dropped = [False] * len(self.branches)
         self.draw = random.Random(self.args.seed)
-        self.measuring = None  # during the sensitivity measurement: the branch forced off (-1: none)
+        self.forced = None  # while measuring (sensitivities, backward FLOPs): the branches dropped, no draw
         self.sensitivities = None
         for k, (_, module) in enumerate(self.branches):
             module.register_forward_hook(self._hook(k))
@@ -87,8 +87,8 @@ class DropBPTrainer(Trainer):
         def hook(module, inputs, output):
             if not module.training:
                 return output
-            if self.measuring is not None:
-                drop = self.measuring == k
+            if self.forced is not None:
+                drop = k in self.forced
             else:
                 drop = self.draw.random() < self.rates[k]
             self.dropped[k] = drop
@@ -117,16 +117,16 @@ class DropBPTrainer(Trainer):
         """handler.sensitivity_based_drop_bp(gradnorm=True) on the step's first example."""
         one = {k: v[:1] for k, v in self._prepare_inputs(inputs).items() if isinstance(v, torch.Tensor)}
         seq = one["input_ids"].shape[1]
-        self.measuring = -1
+        self.forced = frozenset()
         try:
             base = self._grad_norms(model, one)
             sens = []
             for k in range(len(self.branches)):
-                self.measuring = k
+                self.forced = frozenset([k])
                 new = self._grad_norms(model, one)
                 sens.append(float(sum(((o - n) ** 2) for o, n in zip(base, new))))
         finally:
-            self.measuring = None
+            self.forced = None
             model.zero_grad(set_to_none=True)
         flops = []
         for kind, module in self.branches:

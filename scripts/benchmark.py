@@ -33,6 +33,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 
 from hf_vsa import VSATrainer, VSATrainingArguments
 from hf_vsa.config import PRESETS
+from backward_flops import BackwardLog
 from tasks import gpt2_scratch_task, llama_scratch_task, sentiment_task, smollm_task
 
 # The seed's schedule, whole-step PREDICT on every PREDICT step, nothing gated or adapted (the "whole_steps" preset).
@@ -226,6 +227,9 @@ def make_trainer(name, overrides, a, callbacks):
     if overrides == "small":  # the same examples in accum times the steps of the task's own batch
         common.update(max_steps=a.steps * accum, eval_steps=a.eval_every * accum, gradient_accumulation_steps=1)
         overrides = None
+    factor = getattr(a, "steps_factor", {}).get(name)
+    if factor is not None:  # this run's own length (--steps_factor), evaluations as often
+        common.update(max_steps=round(a.steps * factor))
     if overrides == "dropbp":
         from anchors import DropBPTrainer
         return DropBPTrainer(model=model, args=VSATrainingArguments(**common, vsa_enabled=False), train_dataset=train,
@@ -240,7 +244,7 @@ def make_trainer(name, overrides, a, callbacks):
         if a.quick:  # a schedule short enough that 12 steps reach PREDICT and CORRECT
             overrides = {**dict(vsa_warmup_steps=3, vsa_history_window=3, vsa_full_steps=2, vsa_predict_steps=4,
                                 vsa_correct_every=2), **overrides}
-        common.update(max_steps=round(a.steps * a.vsa_steps_factor))
+        common.update(max_steps=round(a.steps * (a.vsa_steps_factor if factor is None else factor)))
         args = VSATrainingArguments(**common, **overrides)
         cls = VSATrainer
     return cls(model=model, args=args, train_dataset=train, eval_dataset=evl, callbacks=list(callbacks))
@@ -249,9 +253,10 @@ def make_trainer(name, overrides, a, callbacks):
 def run_one(name, overrides, a):
     clock = StepClock()
     trainer = make_trainer(name, overrides, a, [clock])
+    log = BackwardLog(trainer)
     trainer.evaluate()  # step-0 eval loss; also warms up the evaluation path outside the clock
     trainer.train()
-    return record(name, overrides, trainer, clock)
+    return record(name, overrides, trainer, clock, log=log)
 
 
 def run_lockstep(names, configs, a):
@@ -261,17 +266,18 @@ def run_lockstep(names, configs, a):
     built = []
     for i, n in enumerate(names):
         clock = StepClock(baton, i)
-        built.append((make_trainer(n, configs[n], a, [clock]), clock))
+        trainer = make_trainer(n, configs[n], a, [clock])
+        built.append((trainer, clock, BackwardLog(trainer)))
         baton.save(i)  # the state its run starts from, as when it runs alone right after make_trainer
     runs, errors = [None] * len(names), []
 
     def body(i):
         baton.take(i)
         try:
-            trainer, clock = built[i]
+            trainer, clock, log = built[i]
             trainer.evaluate()
             trainer.train()
-            runs[i] = record(names[i], configs[names[i]], trainer, clock, lockstep=True)
+            runs[i] = record(names[i], configs[names[i]], trainer, clock, lockstep=True, log=log)
         except BaseException as e:  # re-raised below, after the other runs have ended
             errors.append(e)
         finally:
@@ -286,8 +292,9 @@ def run_lockstep(names, configs, a):
     return runs
 
 
-def record(name, overrides, trainer, clock, lockstep=False):
-    """A finished run's measurements, as the JSON keeps them."""
+def record(name, overrides, trainer, clock, lockstep=False, log=None):
+    """A finished run's measurements, as the JSON keeps them (`log`: its BackwardLog, counted here,
+    off the clock)."""
     engine = getattr(trainer, "vsa", None)  # None: the plain Trainer, or VSATrainer with vsa_enabled=False
     if engine is not None:
         engine.refresh_noise(decide=False)  # the noise estimate at the end, for the record below
@@ -299,6 +306,7 @@ def record(name, overrides, trainer, clock, lockstep=False):
     return {"name": name, "overrides": overrides, "step_wall": clock.steps, "phase": phases,
             "train_loss": losses, "evals": clock.evals, "train_wall": clock.train_time,
             "final_eval_loss": clock.evals[-1]["eval_loss"], "backward_fraction": backward / len(clock.steps),
+            "backward_flops": None if log is None else log.total(),
             "peak_rss_bytes": None if lockstep else clock.peak_rss,
             "prediction_cosine_mean": vsa.get("vsa/prediction_cosine_mean"),
             "state_memory_ratio": vsa.get("vsa/state_memory_ratio"),
@@ -363,6 +371,10 @@ def late_eval_vs_trainer(run, base, k=5):
     return (sum(xs) / len(xs)) / (sum(theirs) / len(theirs)) - 1.0
 
 
+def _ratio(x, y):
+    return None if x is None or not y else x / y
+
+
 def summarize(runs):
     base = runs[0]
     target = base["final_eval_loss"]
@@ -391,6 +403,8 @@ def summarize(runs):
             "noise_scale": r.get("noise_scale"), "batch_over_noise_scale": r.get("batch_over_noise_scale"),
             "whole_steps": r.get("whole_steps", 0), "steps": len(r["step_wall"]),
             "backward_fraction": r["backward_fraction"],
+            # backward FLOPs run (counted: backward_flops.py) over the Trainer's, whole run / to its final loss
+            "backward_flops_ratio": _ratio(r.get("backward_flops"), base.get("backward_flops")),
             "train_wall": r["train_wall"],
             "peak_rss_gb": None if r["peak_rss_bytes"] is None else r["peak_rss_bytes"] / 2**30,
             "prediction_cosine_mean": r.get("prediction_cosine_mean"),
@@ -482,6 +496,9 @@ def parse(argv):
                    help="VSATrainer runs this many times the Trainer's steps, so that a run slower per step can "
                         "still reach the Trainer's final eval loss (time to it is then measured, not censored); "
                         "'vs Trainer' compares at the Trainer's last step")
+    p.add_argument("--steps_factor", action="append", default=[], metavar="NAME=FACTOR",
+                   help="run NAME for FACTOR times the Trainer's steps (any config; for hf_vsa's it replaces "
+                        "--vsa_steps_factor)")
     p.add_argument("--grad_accum", type=int, default=1,
                    help="gradient accumulation steps: an effective batch of N times --batch (default steps: "
                         "2 * task steps / N, so the Trainer sees twice the task's examples)")
@@ -518,6 +535,10 @@ def parse(argv):
         a.steps, a.eval_every, a.n_eval, a.batch = 12, 6, min(a.n_eval, 32), min(a.batch, 8)
         a.warmup_steps = min(a.warmup_steps, 2)
     a.seeds = [int(x) for x in a.seeds.split(",")]
+    try:
+        a.steps_factor = {n: float(f) for n, f in (spec.split("=", 1) for spec in a.steps_factor)}
+    except ValueError:
+        raise SystemExit(f"--steps_factor: expected NAME=FACTOR (a number), got {a.steps_factor}")
     return a
 
 
