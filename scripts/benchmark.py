@@ -574,6 +574,21 @@ def versions():
     return out
 
 
+def write(a, argv_used, per_seed):
+    """The results file of the seeds run so far (written whole, then moved into place)."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not a.cpu else \
+        f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    result = {"task": a.task, "device": device, "args": vars(a), "seeds": per_seed,
+              "spread": spread([s["summary"] for s in per_seed]),
+              "date": time.strftime("%Y-%m-%d", time.gmtime()), "versions": versions(),
+              "command": command_line(argv_used, a.out)}
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(a.out + ".tmp", a.out)
+    return result
+
+
 def main(argv=None):
     argv_used = list(sys.argv[1:] if argv is None else argv)
     a = parse(argv)
@@ -608,15 +623,8 @@ def main(argv=None):
             print(f"== {a.task} seed {seed}: {n}", flush=True)
             runs.append(run_one(n, configs[n], a))
         per_seed.append({"seed": seed, "summary": summarize(runs), "runs": runs})
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not a.cpu else \
-        f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    result = {"task": a.task, "device": device, "args": vars(a), "seeds": per_seed,
-              "spread": spread([s["summary"] for s in per_seed]),
-              "date": time.strftime("%Y-%m-%d", time.gmtime()), "versions": versions(),
-              "command": command_line(argv_used, a.out)}
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
+        result = write(a, argv_used, per_seed)  # after every seed: a stopped run keeps the seeds it finished
+    device = result["device"]
     print(f"\ntask: {a.task}; device: {device}; torch {torch.__version__}")
     for s in per_seed:
         print(f"\n-- seed {s['seed']}")
