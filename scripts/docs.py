@@ -85,17 +85,19 @@ def benchmark_section(path) -> str:
              "Command: not recorded (written before benchmark.py recorded it; its args: "
              + ", ".join(f"{k}={a[k]}" for k in ("task", "steps", "batch", "lr", "configs") if k in a) + ")",
              "", f"Batch {batch} x {accum} accumulation, {a.get('steps')} Trainer steps; VSATrainer runs "
-             f"{a.get('vsa_steps_factor', 1):g}x the steps. " + (
+             f"{a.get('vsa_steps_factor', 1):g}x the steps" + "".join(
+                 f"; {n} {f:g}x" for n, f in (a.get("steps_factor") or {}).items()) + ". " + (
                  "The configs ran in lockstep (`--lockstep`: turns of one optimizer step)." if a.get("lockstep")
                  else "The configs ran one after another.") if batch else "", "",
              "| seed | run | step-time ratio | time to Trainer's final eval loss | eval loss vs Trainer, equal steps "
              "| the same, mean of the last 5 evaluations | vs Trainer, equal wall time | backward fraction "
-             "| batch / noise scale |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| batch / noise scale | backward FLOPs run (x the Trainer's; counted) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in d["seeds"]:
         late = _late(s)
         for row in s["summary"]["rows"]:
-            lines.append("| " + " | ".join([str(s["seed"]), row["name"], *_row_cells(row, late[row["name"]])]) + " |")
+            lines.append("| " + " | ".join([str(s["seed"]), row["name"], *_row_cells(row, late[row["name"]]),
+                                            _fmt(row.get("backward_flops_ratio"), "f2")]) + " |")
     tolerance = tolerance_table(path)
     return "\n".join(lines) + "\n" + ("" if tolerance is None else "\n" + tolerance)
 
@@ -161,7 +163,15 @@ def results_md(paths) -> str:
             "them meet the same machine speed (the RNGs and accelerate's shared state are swapped at each turn:",
             "every run follows the trajectory it follows alone); there `trainer_again` runs alongside the others.",
             "Evaluation time is excluded from every wall time.", ""]
-    return "\n".join(head) + "\n" + "\n".join(benchmark_section(p) for p in paths) + "\n" + cost_section()
+    per_seed = ["## Per seed", "", "The default in each regime, a row per seed:", "", regime_table(),
+                "The prediction against the sceptic's controls: the seed's schedule with every PREDICT step whole "
+                "(no forward, no backward), writing the AR prediction (`predict_all`), a zero gradient (`coast`: "
+                "AdamW moves on its momentum) or nothing (`skip`); eval loss against the Trainer at equal steps "
+                "(mean of the last 5 evaluations) / at equal wall time (`results/controls_<task>.json`; the "
+                "3-seed files are `results/anchors_<task>.json`, below):", "", controls_table(),
+                "## Every results file", ""]
+    return ("\n".join(head) + "\n" + "\n".join(per_seed) + "\n" + "\n".join(benchmark_section(p) for p in paths)
+            + "\n" + cost_section())
 
 
 def regime_table() -> str:
@@ -217,25 +227,79 @@ def controls_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def anchors_table() -> str:
-    """hf_vsa's default against the published anchors (results/anchors_<task>.json), one row per run and seed:
-    per-step speed, time to the Trainer's final eval loss, eval loss against the Trainer at equal steps (the
-    mean of its last 5 evaluations) and at equal wall time."""
-    lines = ["| task, seed | run | per-step speed | time to the Trainer's final eval loss | eval loss vs Trainer, "
-             "last 5 evaluations at equal steps | at equal wall time |", "|---|---|---|---|---|---|"]
-    for task in TASKS + ("smollm_lora",):
+# The README's table: per task, every run of its anchors file (results/anchors_<task>.json: the default, the
+# whole_steps preset and the sceptic's controls, DropBP as published), then the default above the noise scale.
+SUMMARY_TASKS = ("smollm", "smollm_lora", "sentiment", "gpt2_scratch")
+LABELS = {"default": "hf_vsa's default", "predict_all": 'hf_vsa, `vsa_preset="whole_steps"`',
+          "coast": "control: PREDICT steps coast (zero gradient)", "skip": "control: PREDICT steps skip the update",
+          "dropbp_published": "DropBP as published", "trainer_again": "the Trainer again (timing noise)",
+          "trainer_small": "the Trainer at the task's own batch", "trainer_compile": "the Trainer, `torch_compile=True`",
+          "compile": "hf_vsa's default, `torch_compile=True`"}
+
+
+def _spread(xs, kind):
+    """mean [min, max] over seeds (one seed: the value)."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    mean, lo, hi = _fmt(sum(xs) / len(xs), kind), _fmt(min(xs), kind), _fmt(max(xs), kind)
+    return mean if lo == hi else f"{mean} [{lo}, {hi}]"
+
+
+def _summary_rows(data, label="", only=None):
+    """One row per run but the reference Trainer (or those named in `only`): the seeds' spread of each comparison."""
+    seeds = data["seeds"]
+    rows = []
+    for i, name in enumerate(r["name"] for r in seeds[0]["summary"]["rows"]):
+        if i == 0 or (only is not None and name not in only):
+            continue
+        got = [s["summary"]["rows"][i] for s in seeds]
+        late = [_late(s)[name] for s in seeds]
+        base_steps = [s["summary"]["rows"][0]["steps"] for s in seeds]
+        steps = _spread([g["steps"] / b for g, b in zip(got, base_steps)], "x")
+        small = name == "trainer_small"  # steps of 1/accumulation the examples: per step, not comparable
+        if small:
+            steps += f" (1/{data['args'].get('grad_accum')} the batch)"
+        ttt = [g.get("time_to_target_ratio") for g in got]
+        reached = sum(t is not None for t in ttt)
+        ttt_cell = "not reached" if not reached else _spread(ttt, "x")
+        rows.append(f"| {data['task']}{label} | {LABELS.get(name, name)} | {steps} | "
+                    f"{'-' if small else _spread([g['step_time_ratio'] for g in got], 'x')} | "
+                    f"{_spread([g.get('backward_flops_ratio') for g in got], 'f2')} | "
+                    f"{ttt_cell} ({reached}/{len(got)}) | {_spread(late, 'pct')} | "
+                    f"{_spread([g.get('vs_trainer_at_same_wall') for g in got], 'pct')} | "
+                    f"{', '.join(str(s['seed']) for s in seeds)} | {measured_with(data)} |")
+    return rows
+
+
+def summary_table() -> str:
+    """The README's table: hf_vsa and the alternatives against the plain Trainer in the same invocation."""
+    lines = ["| task | run | steps (x the Trainer's) | per-step speed | backward FLOPs run (x the Trainer's) | time to "
+             "the Trainer's final eval loss (seeds that reached it) | eval loss vs Trainer at equal steps "
+             "(last 5 evaluations) | at equal wall time | seeds | hf_vsa |", "|---" * 10 + "|"]
+    for task in SUMMARY_TASKS:
         path = os.path.join(ROOT, "results", f"anchors_{task}.json")
         if not os.path.exists(path):
             continue
         data = json.load(open(path))
-        for s in data["seeds"]:
-            late = _late(s)
-            for row in s["summary"]["rows"][1:]:
-                cells = _row_cells(row, late[row["name"]])
-                name = row["name"] if row["name"] != "default" else f"default ({measured_with(data)})"
-                lines.append(f"| {task}, seed {s['seed']} | {name} | {cells[0]} | {cells[1]} | {cells[3]} | "
-                             f"{cells[4]} |")
-    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+        lines += _summary_rows(data)
+        small = os.path.join(ROOT, "results", f"small_batch_{task}.json")
+        if "default" not in {r["name"] for r in data["seeds"][0]["summary"]["rows"]} and os.path.exists(small):
+            # not run beside the anchors: the default at the same batch, in its own invocation
+            lines += _summary_rows(json.load(open(small)), " (another invocation)", only=("default",))
+        # torch.compile, what a user could turn on instead: its own invocations (more seeds: compile_<task>_seeds_*)
+        files = sorted(glob.glob(os.path.join(ROOT, "results", f"compile_{task}.json"))
+                       + glob.glob(os.path.join(ROOT, "results", f"compile_{task}_seeds_*.json")))
+        if files:
+            parts = [json.load(open(f)) for f in files]
+            merged = {**parts[0], "seeds": [s for d in parts for s in d["seeds"]]}
+            lines += _summary_rows(merged, " (another invocation)")
+    for task in SUMMARY_TASKS:
+        path = os.path.join(ROOT, "results", f"large_batch_{task}.json")
+        if os.path.exists(path):
+            data = json.load(open(path))
+            lines += _summary_rows(data, f" at {data['args'].get('grad_accum')}x its batch (accumulation)")
+    return "\n".join(lines) + "\n"
 
 
 def cost_section() -> str:
@@ -297,18 +361,7 @@ def readme_with_table(text) -> str:
         raise SystemExit(f"README.md has no generated part ({BEGIN} ... {END})")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    controls = ("\nThe prediction against the sceptic's controls: the seed's schedule with every PREDICT step whole "
-                "(no forward, no backward), writing the AR prediction (`predict_all`), a zero gradient (`coast`: "
-                "AdamW moves on its momentum) or nothing (`skip`); eval loss against the Trainer at equal steps "
-                "(mean of the last 5 evaluations) / at equal wall time.\n\n")
-    anchors = anchors_table()
-    if anchors:
-        anchors = ("\nAgainst the published anchors: DropBP as its authors publish it (`dropbp_published`: each block's "
-                   "attention and MLP backward dropped at random on every step, rates from measured sensitivities under "
-                   "a FLOPs budget of 0.5; scripts/anchors.py) and the plain Trainer run again (`trainer_again`, "
-                   "timing noise), in lockstep. Per-step speed is over the whole run: DropBP's one-off sensitivity "
-                   "measurement included (its ordinary steps: docs/method.md).\n\n" + anchors)
-    return head + BEGIN + "\n" + regime_table() + controls + controls_table() + anchors + END + tail
+    return head + BEGIN + "\n" + summary_table() + END + tail
 
 
 def targets():

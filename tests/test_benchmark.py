@@ -115,6 +115,21 @@ def test_late_evals_compare_a_longer_run_at_the_trainers_steps():
     assert abs(late_eval_vs_trainer(small, base) - (4.0 / 3.5 - 1)) < 1e-12
 
 
+def test_steps_factor_gives_any_config_its_own_length(tmp_path):
+    sys.path.insert(0, str(SCRIPTS))
+    from benchmark import make_trainer, parse
+    a = parse(["--quick", "--steps_factor", "dropbp_published=2", "--steps_factor", "skip=0.5", "--vsa_steps_factor", "3",
+               "--workdir", str(tmp_path)])
+    a.seed = 0
+    assert a.steps == 12
+    assert make_trainer("dropbp_published", "dropbp", a, []).args.max_steps == 24  # the plain Trainer's kin too
+    assert make_trainer("skip", {"vsa_predict_mode": "skip"}, a, []).args.max_steps == 6  # replaces --vsa_steps_factor
+    assert make_trainer("default", {}, a, []).args.max_steps == 36
+    assert make_trainer("trainer", None, a, []).args.max_steps == 12
+    with pytest.raises(SystemExit, match="--steps_factor: expected NAME=FACTOR"):
+        parse(["--steps_factor", "skip:2"])
+
+
 def test_secant_step_is_exact_on_a_quadratic_within_the_span_of_the_steps():
     # g(theta) = A theta: y_j = A s_j, so H s = A s for any step s the recorded steps span.
     sys.path.insert(0, str(SCRIPTS / "diagnostics"))
