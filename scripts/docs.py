@@ -272,16 +272,23 @@ def _summary_rows(data, label="", only=None):
     return rows
 
 
+def _merged(files):
+    """One task's file and its later seeds (<file>_seeds_<list>.json: the same configs, run later) as one."""
+    parts = [json.load(open(f)) for f in files]
+    return {**parts[0], "seeds": [s for d in parts for s in d["seeds"]]}
+
+
 def summary_table() -> str:
     """The README's table: hf_vsa and the alternatives against the plain Trainer in the same invocation."""
     lines = ["| task | run | steps (x the Trainer's) | per-step speed | backward FLOPs run (x the Trainer's) | time to "
              "the Trainer's final eval loss (seeds that reached it) | eval loss vs Trainer at equal steps "
              "(last 5 evaluations) | at equal wall time | seeds | hf_vsa |", "|---" * 10 + "|"]
     for task in SUMMARY_TASKS:
-        path = os.path.join(ROOT, "results", f"anchors_{task}.json")
-        if not os.path.exists(path):
+        files = sorted(glob.glob(os.path.join(ROOT, "results", f"anchors_{task}.json"))
+                       + glob.glob(os.path.join(ROOT, "results", f"anchors_{task}_seeds_*.json")))
+        if not files:
             continue
-        data = json.load(open(path))
+        data = _merged(files)
         lines += _summary_rows(data)
         small = os.path.join(ROOT, "results", f"small_batch_{task}.json")
         if "default" not in {r["name"] for r in data["seeds"][0]["summary"]["rows"]} and os.path.exists(small):
@@ -291,9 +298,7 @@ def summary_table() -> str:
         files = sorted(glob.glob(os.path.join(ROOT, "results", f"compile_{task}.json"))
                        + glob.glob(os.path.join(ROOT, "results", f"compile_{task}_seeds_*.json")))
         if files:
-            parts = [json.load(open(f)) for f in files]
-            merged = {**parts[0], "seeds": [s for d in parts for s in d["seeds"]]}
-            lines += _summary_rows(merged, " (another invocation)")
+            lines += _summary_rows(_merged(files), " (another invocation)")
     for task in SUMMARY_TASKS:
         path = os.path.join(ROOT, "results", f"large_batch_{task}.json")
         if os.path.exists(path):
