@@ -54,31 +54,32 @@ class BackwardLog:
         """Backward FLOPs of the whole run, or None (a partial backward ran); call once it has ended."""
         if self.partial:
             return None
-        per_example = {}
-        for ex, dropped in self.events:
-            if dropped not in per_example:
-                per_example[dropped] = count_backward(self.trainer, dropped)
+        per_example = count_backward(self.trainer, {dropped for _, dropped in self.events})
         return sum(n * ex * per_example[dropped] for (ex, dropped), n in self.events.items())
 
 
-def count_backward(trainer, dropped=()):
-    """Backward FLOPs of one training example through the trainer's model with DropBP's branches
-    `dropped` dropped (the others kept; no DropBP: the whole backward)."""
+def count_backward(trainer, dropped_sets=((),)):
+    """{dropped: backward FLOPs of one training example through the trainer's model with DropBP's branches
+    `dropped` dropped (the others kept; no DropBP: the whole backward)}, one count per set."""
     model = trainer.model
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     one = {k: v[:1] for k, v in batch.items() if isinstance(v, torch.Tensor)}
     held = getattr(trainer, "forced", None)
-    if hasattr(trainer, "forced"):
-        trainer.forced = frozenset(dropped)
     model.train()
+    out = {}
     try:
-        with FlopCounterMode(display=False) as fc:
-            loss = model(**one).loss
-            forward = fc.get_total_flops()
-            if loss.requires_grad:
-                loss.backward()
-            return fc.get_total_flops() - forward
+        for dropped in dropped_sets:
+            if hasattr(trainer, "forced"):
+                trainer.forced = frozenset(dropped)
+            with FlopCounterMode(display=False) as fc:
+                loss = model(**one).loss
+                forward = fc.get_total_flops()
+                if loss.requires_grad:
+                    loss.backward()
+                out[dropped] = fc.get_total_flops() - forward
+            model.zero_grad(set_to_none=True)
     finally:
         if hasattr(trainer, "forced"):
             trainer.forced = held
         model.zero_grad(set_to_none=True)
+    return out

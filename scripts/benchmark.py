@@ -403,7 +403,7 @@ def summarize(runs):
             "noise_scale": r.get("noise_scale"), "batch_over_noise_scale": r.get("batch_over_noise_scale"),
             "whole_steps": r.get("whole_steps", 0), "steps": len(r["step_wall"]),
             "backward_fraction": r["backward_fraction"],
-            # backward FLOPs run (counted: backward_flops.py) over the Trainer's, whole run / to its final loss
+            # backward FLOPs run over the whole run (counted: backward_flops.py), over the Trainer's
             "backward_flops_ratio": _ratio(r.get("backward_flops"), base.get("backward_flops")),
             "train_wall": r["train_wall"],
             "peak_rss_gb": None if r["peak_rss_bytes"] is None else r["peak_rss_bytes"] / 2**30,
