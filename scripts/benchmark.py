@@ -46,6 +46,9 @@ CONFIGS = {
     # The plain Trainer at the task's own batch (no accumulation) over the same examples: the smaller
     # batch a user could pick instead of --grad_accum N (N times the steps, eval every N times as many).
     "trainer_small": "small",
+    # The plain Trainer at half the task's batch over the same examples (twice the steps, evaluated after the same
+    # examples as the Trainer): the smaller batch a user could pick instead of skipping half the backward passes.
+    "trainer_half": "half",
     # The sceptic's controls for the prediction (the engine issue): the seed's fixed schedule with every
     # PREDICT step whole (no forward, no backward, every tensor), differing only in what goes into .grad
     # there: the AR prediction, a zero gradient (the optimizer coasts on its momentum), or none (no update).
@@ -227,6 +230,9 @@ def make_trainer(name, overrides, a, callbacks):
     if overrides == "small":  # the same examples in accum times the steps of the task's own batch
         common.update(max_steps=a.steps * accum, eval_steps=a.eval_every * accum, gradient_accumulation_steps=1)
         overrides = None
+    if overrides == "half":  # the same examples in twice the steps of half the batch
+        common.update(max_steps=a.steps * 2, eval_steps=a.eval_every * 2, per_device_train_batch_size=a.batch // 2)
+        overrides = None
     factor = getattr(a, "steps_factor", {}).get(name)
     if factor is not None:  # this run's own length (--steps_factor), evaluations as often
         common.update(max_steps=round(a.steps * factor))
@@ -362,7 +368,7 @@ def late_eval_vs_trainer(run, base, k=5):
     """Mean of the run's eval losses at the Trainer's (base's) last k evaluations over the Trainer's,
     minus 1: equal steps, and less noisy than the final evaluation alone (on 8x sentiment the Trainer's
     own eval loss moved by 11% from one evaluation to the next). A run that reads its evaluations
-    elsewhere (trainer_small: the same examples in more, smaller steps) is read at its last k."""
+    elsewhere (trainer_small, trainer_half: the same examples in more, smaller steps) is read at its last k."""
     steps = [e["step"] for e in base["evals"][-k:]]
     mine = {e["step"]: e["eval_loss"] for e in run["evals"]}
     same = run.get("examples_per_step") == base.get("examples_per_step") and all(s in mine for s in steps)
@@ -383,7 +389,7 @@ def summarize(runs):
     for r in runs:
         t = time_to(r, target)
         # equal steps: the run's evaluation at the Trainer's last step (a longer run's, not its final one;
-        # trainer_small: its final one, after the same examples); equal wall: both runs interpolated at the
+        # trainer_small, trainer_half: its final one, after the same examples); equal wall: both runs interpolated at the
         # shorter of the two training times
         steps = len(base["step_wall"]) if r.get("examples_per_step") == base.get("examples_per_step") else None
         at_steps = (loss_at_step(r, steps) if steps else None) or r["final_eval_loss"]
@@ -606,6 +612,8 @@ def main(argv=None):
         raise SystemExit("--configs: the first entry is the reference and must be 'trainer'")
     if "trainer_small" in names and a.grad_accum == 1:
         raise SystemExit("--configs: trainer_small is the Trainer without --grad_accum; pass --grad_accum N > 1")
+    if "trainer_half" in names and (a.batch < 2 or a.batch % 2):
+        raise SystemExit(f"--configs: trainer_half halves the batch; --batch must be even and >= 2, got {a.batch}")
     torch.set_num_threads(os.cpu_count() or 1)
     if a.warmup_steps > 0:
         print(f"== {a.task}: warm-up, {a.warmup_steps} untimed Trainer steps", flush=True)

@@ -233,7 +233,7 @@ SUMMARY_TASKS = ("smollm", "smollm_lora", "sentiment", "gpt2_scratch")
 LABELS = {"default": "hf_vsa's default", "predict_all": 'hf_vsa, `vsa_preset="whole_steps"`',
           "coast": "control: PREDICT steps coast (zero gradient)", "skip": "control: PREDICT steps skip the update",
           "dropbp_published": "DropBP as published", "trainer_again": "the Trainer again (timing noise)",
-          "trainer_small": "the Trainer at the task's own batch", "trainer_compile": "the Trainer, `torch_compile=True`",
+          "trainer_small": "the Trainer at the task's own batch", "trainer_half": "the Trainer at half the batch", "trainer_compile": "the Trainer, `torch_compile=True`",
           "compile": "hf_vsa's default, `torch_compile=True`"}
 
 
@@ -257,9 +257,9 @@ def _summary_rows(data, label="", only=None):
         late = [_late(s)[name] for s in seeds]
         base_steps = [s["summary"]["rows"][0]["steps"] for s in seeds]
         steps = _spread([g["steps"] / b for g, b in zip(got, base_steps)], "x")
-        small = name == "trainer_small"  # steps of 1/accumulation the examples: per step, not comparable
+        small = name in ("trainer_small", "trainer_half")  # steps of a smaller batch: per step, not comparable
         if small:
-            steps += f" (1/{data['args'].get('grad_accum')} the batch)"
+            steps += f" (1/{data['args'].get('grad_accum') if name == 'trainer_small' else 2} the batch)"
         ttt = [g.get("time_to_target_ratio") for g in got]
         reached = sum(t is not None for t in ttt)
         ttt_cell = "not reached" if not reached else _spread(ttt, "x")
@@ -294,11 +294,13 @@ def summary_table() -> str:
         if "default" not in {r["name"] for r in data["seeds"][0]["summary"]["rows"]} and os.path.exists(small):
             # not run beside the anchors: the default at the same batch, in its own invocation
             lines += _summary_rows(json.load(open(small)), " (another invocation)", only=("default",))
-        # torch.compile, what a user could turn on instead: its own invocations (more seeds: compile_<task>_seeds_*)
-        files = sorted(glob.glob(os.path.join(ROOT, "results", f"compile_{task}.json"))
-                       + glob.glob(os.path.join(ROOT, "results", f"compile_{task}_seeds_*.json")))
-        if files:
-            lines += _summary_rows(_merged(files), " (another invocation)")
+        # what a user could pick instead, in their own invocations (more seeds: <kind>_<task>_seeds_*): the Trainer
+        # at half the batch, torch.compile
+        for kind in ("half_batch", "compile"):
+            files = sorted(glob.glob(os.path.join(ROOT, "results", f"{kind}_{task}.json"))
+                           + glob.glob(os.path.join(ROOT, "results", f"{kind}_{task}_seeds_*.json")))
+            if files:
+                lines += _summary_rows(_merged(files), " (another invocation)")
     for task in SUMMARY_TASKS:
         path = os.path.join(ROOT, "results", f"large_batch_{task}.json")
         if os.path.exists(path):

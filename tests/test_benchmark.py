@@ -130,6 +130,29 @@ def test_steps_factor_gives_any_config_its_own_length(tmp_path):
         parse(["--steps_factor", "skip:2"])
 
 
+def test_trainer_half_sees_the_same_examples_in_twice_the_steps_of_half_the_batch(tmp_path):
+    out = tmp_path / "h.json"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "benchmark.py"), "--quick", "--configs", "trainer,trainer_half",
+                           "--lockstep", "--warmup_steps", "0", "--out", str(out), "--workdir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seed = json.loads(out.read_text())["seeds"][0]
+    trainer, half = seed["runs"]
+    assert half["examples_per_step"] * 2 == trainer["examples_per_step"] == 8
+    assert len(half["step_wall"]) == 2 * len(trainer["step_wall"]) == 24
+    # evaluated after the same examples as the Trainer, and compared there
+    seen = lambda run: [e["step"] * run["examples_per_step"] for e in run["evals"]]
+    assert seen(half) == seen(trainer) == [0, 48, 96]
+    row = seed["summary"]["rows"][1]
+    assert row["eval_loss_at_trainer_steps"] == half["final_eval_loss"]
+    late = [sum(e["eval_loss"] for e in r["evals"][-5:]) / len(r["evals"][-5:]) for r in (trainer, half)]
+    assert abs(row["last5_eval_vs_trainer"] - (late[1] / late[0] - 1)) < 1e-12
+    odd = subprocess.run([sys.executable, str(SCRIPTS / "benchmark.py"), "--configs", "trainer,trainer_half", "--batch", "5",
+                          "--out", str(tmp_path / "x.json"), "--workdir", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=120)
+    assert odd.returncode != 0 and "--batch must be even and >= 2, got 5" in odd.stderr
+
+
 def test_secant_step_is_exact_on_a_quadratic_within_the_span_of_the_steps():
     # g(theta) = A theta: y_j = A s_j, so H s = A s for any step s the recorded steps span.
     sys.path.insert(0, str(SCRIPTS / "diagnostics"))
