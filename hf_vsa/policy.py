@@ -20,6 +20,20 @@ def lower_bound(values):
     return mean - 2.0 * math.sqrt(var / n)
 
 
+def admitted(mask, dots, a2, p2):
+    """(cosine, energy, worth) of the predictions the gate admits (`mask`, per tensor), from one CORRECT
+    step's per-tensor <g, p>, |g|^2 and |p|^2 (host lists; NaN where a tensor is not tracked): their
+    cosine with the actual gradient, their share of its energy, and worth = energy * cosine (0 when
+    nothing is admitted), what whole_step_pays reads."""
+    ok = lambda x: x == x  # noqa: E731 (not NaN)
+    adm = [i for i, keep in enumerate(mask) if keep and ok(dots[i])]
+    total = sum(x for x in a2 if ok(x))
+    d, a, p = (sum(x[i] for i in adm) for x in (dots, a2, p2))
+    cosine = d / math.sqrt(a * p) if a > 0 and p > 0 else math.nan
+    energy = a / total if total > 0 else 0.0
+    return cosine, energy, energy * cosine if adm else 0.0
+
+
 def whole_step_pays(worth, kappa: float, predict_share: float, tolerance: float) -> bool:
     """Whether PREDICT steps may skip everything (forward, every backward, the all-reduce), from what
     was measured. `worth`: at recent CORRECT steps, energy * cosine of the predictions the gate admits

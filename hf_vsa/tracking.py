@@ -19,7 +19,7 @@ import math
 import torch
 
 from .compress import blocks_of
-from .policy import WORTH_WINDOW, lower_bound
+from .policy import WORTH_WINDOW, admitted, lower_bound
 from .predictor import GradientPredictor, all_finite
 from .probe import probe_windows
 from .flat import Gathered, Windows
@@ -262,15 +262,9 @@ class Tracker:
         return rel
 
     def _measure_admitted(self, dots, a2, p2):
-        """At a CORRECT step (host lists, per tensor; NaN for untracked ones): the cosine with the
-        actual gradient of the predictions the gate admits, and their share of its energy."""
-        ok = lambda x: x == x  # noqa: E731 (not NaN)
-        adm = [i for i, keep in enumerate(self.predict_mask) if keep and ok(dots[i])]
-        total = sum(x for x in a2 if ok(x))
-        d, a, p = (sum(x[i] for i in adm) for x in (dots, a2, p2))
-        self.admitted_cosine = d / math.sqrt(a * p) if a > 0 and p > 0 else math.nan
-        self.admitted_energy = a / total if total > 0 else 0.0
-        worth = self.admitted_energy * self.admitted_cosine if adm else 0.0  # (nothing admitted: worth 0)
+        """At a CORRECT step (host lists, per tensor; NaN for untracked ones): policy.admitted's figures of
+        the predictions the gate admits, and their worth in the whole-step test's window."""
+        self.admitted_cosine, self.admitted_energy, worth = admitted(self.predict_mask, dots, a2, p2)
         if worth == worth:
             self.worth = (self.worth + [worth])[-WORTH_WINDOW:]
 

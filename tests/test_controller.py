@@ -102,6 +102,19 @@ def test_records_before_read_counts_the_backprop_steps_left_before_a_predict_blo
     assert never.records_before_read() == float("inf")  # nothing ever reads the predictor
 
 
+def test_admitted_worth_counts_only_the_tracked_tensors_the_gate_admits():
+    from hf_vsa.policy import admitted
+    nan = float("nan")
+    # tensor 0 admitted (cosine 0.6 with 4/10 of the energy), 1 kept out, 2 admitted but not tracked (NaN)
+    dots, a2, p2 = [1.2, 0.5, nan], [4.0, 6.0, nan], [1.0, 1.0, nan]
+    cosine, energy, worth = admitted([True, False, True], dots, a2, p2)
+    assert cosine == pytest.approx(0.6) and energy == pytest.approx(0.4) and worth == pytest.approx(0.24)
+    both = admitted([True, True, False], dots, a2, p2)
+    assert both[0] == pytest.approx(1.7 / (10.0 * 2.0) ** 0.5) and both[1] == pytest.approx(1.0)
+    cosine, energy, worth = admitted([False, False, False], dots, a2, p2)
+    assert cosine != cosine and energy == 0.0 and worth == 0.0  # nothing admitted: worth 0, not NaN
+
+
 def test_whole_step_pays_only_where_measured_worth_enough_of_a_backward():
     from hf_vsa.policy import lower_bound, whole_step_pays
     nan, p, tol = float("nan"), 0.68, 0.05  # the default schedule predicts 17 of 25 steps

@@ -37,6 +37,9 @@ def test_readme_table_summarises_every_anchors_file_over_its_seeds():
     # large-batch file, each figure the seeds' mean [min, max] of what the files hold
     table = docs.summary_table()
     assert table in (ROOT / "README.md").read_text()
+    breadth = docs.summary_table(("sentiment", "gpt2_scratch"), large_batch=False)
+    assert breadth in (ROOT / "docs" / "results.md").read_text()
+    table += breadth
     for task in docs.SUMMARY_TASKS:
         path = ROOT / "results" / f"anchors_{task}.json"
         if not path.exists():
@@ -67,6 +70,25 @@ def test_controls_table_numbers_come_from_the_results_files():
         assert f"| {task}" in table
     for name in docs.CONTROLS:
         assert f" {name} |" in table.splitlines()[0]
+
+
+def test_phase_cost_table_times_each_phase_against_the_trainers_step_in_the_same_seed():
+    # docs/results.md: per run with PREDICT steps, each phase's median step time over the Trainer's median step
+    import statistics
+    table = docs.phase_cost_table(docs.SUMMARY_TASKS)
+    assert table in (ROOT / "docs" / "results.md").read_text()
+    path = ROOT / "results" / "anchors_smollm_lora.json"
+    seeds = json.loads(path.read_text())["seeds"]
+    for name in ("predict_all", "coast"):
+        ratios = []
+        for s in seeds:
+            run = next(r for r in s["runs"] if r["name"] == name)
+            predict = [w for ph, w in zip(run["phase"], run["step_wall"]) if ph == "PREDICT"]
+            ratios.append(statistics.median(predict) / statistics.median(s["runs"][0]["step_wall"]))
+        row = next(line for line in table.splitlines() if line.startswith(f"| smollm_lora | {name} |"))
+        assert row.split(" | ")[4].startswith(f"{sum(ratios) / len(ratios):.2f}x"), row
+        assert ratios[0] < 0.1  # LoRA: a PREDICT step costs next to nothing
+    assert "| smollm_lora | trainer |" not in table and "| smollm_lora | dropbp_published |" not in table
 
 
 def test_every_local_link_and_picture_in_the_docs_exists():
