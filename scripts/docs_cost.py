@@ -9,11 +9,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("WARMUP", "FULL", "PREDICT", "CORRECT")
 
 
+def task_files(kind, task):
+    """results/<kind>_<task>.json and its later seeds (<kind>_<task>_seeds_*.json), in order."""
+    return sorted(glob.glob(os.path.join(ROOT, "results", f"{kind}_{task}.json"))
+                  + glob.glob(os.path.join(ROOT, "results", f"{kind}_{task}_seeds_*.json")))
+
+
 def _merged_seeds(task):
-    """Every seed of a task's anchors files (results/anchors_<task>.json and its _seeds_* files)."""
-    files = sorted(glob.glob(os.path.join(ROOT, "results", f"anchors_{task}.json"))
-                   + glob.glob(os.path.join(ROOT, "results", f"anchors_{task}_seeds_*.json")))
-    return [s for f in files for s in json.load(open(f))["seeds"]]
+    """Every seed of a task's anchors files."""
+    return [s for f in task_files("anchors", task) for s in json.load(open(f))["seeds"]]
 
 
 def _span(xs, fmt):
