@@ -307,9 +307,9 @@ def summary_table(tasks=README_TASKS, large_batch=True) -> str:
         if "default" not in {r["name"] for r in data["seeds"][0]["summary"]["rows"]} and os.path.exists(small):
             # not run beside the anchors: the default at the same batch, in its own invocation
             lines += _summary_rows(json.load(open(small)), " (another invocation)", only=("default",))
-        # what a user could pick instead, in their own invocations (more seeds: <kind>_<task>_seeds_*): the Trainer
-        # at half the batch, torch.compile
-        for kind in ("half_batch", "compile"):
+        # in their own invocations (more seeds: <kind>_<task>_seeds_*): what a user could pick instead (the Trainer
+        # at half the batch, torch.compile), and a control run where a seed of the whole anchors set is too long
+        for kind in ("half_batch", "compile", "skip"):
             files = task_files(kind, task)
             if files:
                 lines += _summary_rows(_merged(files), " (another invocation)")
