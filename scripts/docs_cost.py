@@ -15,9 +15,9 @@ def task_files(kind, task):
                   + glob.glob(os.path.join(ROOT, "results", f"{kind}_{task}_seeds_*.json")))
 
 
-def _merged_seeds(task):
-    """Every seed of a task's anchors files."""
-    return [s for f in task_files("anchors", task) for s in json.load(open(f))["seeds"]]
+def task_seeds(kind, task):
+    """Every seed of a task's <kind> files (task_files), in order."""
+    return [s for f in task_files(kind, task) for s in json.load(open(f))["seeds"]]
 
 
 def _span(xs, fmt):
@@ -32,7 +32,7 @@ def phase_cost_table(tasks) -> str:
     below 1x, skipping the backward saves nothing; where backprop steps are above 1x, recording costs."""
     lines = ["| task | run | " + " | ".join(PHASES) + " | seeds |", "|---" * (len(PHASES) + 3) + "|"]
     for task in tasks:
-        seeds = _merged_seeds(task)
+        seeds = task_seeds("anchors", task)
         if not seeds:
             continue
         names = [r["name"] for r in seeds[0]["runs"] if "PREDICT" in r["phase"]]

@@ -6,6 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import docs  # noqa: E402
+import docs_cost  # noqa: E402
 
 
 def test_generated_docs_are_current():
@@ -41,10 +42,9 @@ def test_readme_table_summarises_every_anchors_file_over_its_seeds():
     assert breadth in (ROOT / "docs" / "results.md").read_text()
     table += breadth
     for task in docs.SUMMARY_TASKS:
-        files = docs.task_files("anchors", task)  # anchors_<task>.json and its later seeds, anchors_<task>_seeds_*.json
-        if not files:
+        data = {"seeds": docs_cost.task_seeds("anchors", task)}  # anchors_<task>.json and its later seeds' files
+        if not data["seeds"]:
             continue
-        data = {"seeds": [s for f in files for s in json.loads(open(f).read())["seeds"]]}
         for name in [r["name"] for r in data["seeds"][0]["summary"]["rows"]][1:]:
             row = next(line for line in table.splitlines() if line.startswith(f"| {task} | {docs.LABELS.get(name, name)} |"))
             walls = [next(r for r in s["summary"]["rows"] if r["name"] == name)["vs_trainer_at_same_wall"]
